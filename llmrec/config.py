@@ -4,13 +4,15 @@ on a laptop CPU, and the layout of the state folder `LLMREC_HOME`."""
 from __future__ import annotations
 
 import importlib.resources
+import re
 import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_ENCODER = "minilm"
+GATEABLE = re.compile(r"mse|rmse|mae|(recall|ndcg)_at_\d+")
 
 
 def default_home() -> str:
@@ -87,9 +89,9 @@ class GateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     metrics: list[str] = Field(
-        default_factory=lambda: ["rmse", "recall_at_k"],
-        description="Metrics gated on both held-out parts (held_out, anchor). Any of "
-        "mse, rmse, mae, recall_at_k, ndcg_at_k.",
+        default_factory=lambda: ["rmse", "recall_at_10"],
+        description="Metrics gated on both held-out parts (held_out, anchor): any of "
+        "mse, rmse, mae, recall_at_K, ndcg_at_K (K = evaluation.k).",
     )
     tolerance: float = Field(
         0.0, ge=0.0, description="How much worse than the champion a gated metric may be (absolute)."
@@ -98,10 +100,9 @@ class GateConfig(BaseModel):
     @field_validator("metrics")
     @classmethod
     def known_metrics(cls, value: list[str]) -> list[str]:
-        known = {"mse", "rmse", "mae", "recall_at_k", "ndcg_at_k"}
-        unknown = sorted(set(value) - known)
+        unknown = sorted(m for m in value if not GATEABLE.fullmatch(m))
         if unknown:
-            raise ValueError(f"unknown gated metric(s) {unknown}; choose from {sorted(known)}")
+            raise ValueError(f"unknown gated metric(s) {unknown}; use mse, rmse, mae, recall_at_K or ndcg_at_K")
         if not value:
             raise ValueError("at least one metric must be gated")
         return value
@@ -128,6 +129,16 @@ class NightlyConfig(BaseModel):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+
+    @model_validator(mode="after")
+    def gate_matches_k(self) -> "NightlyConfig":
+        for metric in self.gate.metrics:
+            if "_at_" in metric and int(metric.rsplit("_", 1)[1]) != self.evaluation.k:
+                raise ValueError(
+                    f"gate.metrics has {metric!r} but evaluation.k is {self.evaluation.k}; "
+                    f"gate on {metric.split('_at_')[0]}_at_{self.evaluation.k}"
+                )
+        return self
 
 
 class Home:

@@ -1,0 +1,287 @@
+"""The recommender: rating = mu + b_u + b_i + <v_u, v_i>.
+
+    v_i = W_i · enc(item text) + e_i        b_i = w_i · enc(item text) + c_i
+    v_u = W_u · enc(user text) + e_u        b_u = w_u · enc(user text) + c_u
+
+enc() is the pretrained encoder (frozen bottom, optionally fine-tuned top layers, mean
+pooled); e and c are learned per-id embeddings and biases. Row 0 of every id table is the
+unknown id and stays zero, so a user or item never seen in training is scored from its
+text alone.
+
+A checkpoint is a folder of safetensors and JSON (nothing is unpickled):
+    model.safetensors      trainable weights
+    optimizer.safetensors  AdamW moments per parameter name
+    vectors.safetensors    final user and item vectors for serving without the encoder
+    state.json             vocabularies, step, data watermark, encoder identity, config
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from llmrec.config import ModelConfig
+from llmrec.encoder import Encoder, TextFeatures, mean_pool, run_layers
+
+UNKNOWN = 0
+FORMAT_VERSION = 1
+
+
+class Recommender(nn.Module):
+    def __init__(self, hidden_size: int, dim: int, n_users: int, n_items: int, top_layers: nn.ModuleList | None = None):
+        super().__init__()
+        self.dim = dim
+        self.mu = nn.Parameter(torch.tensor(3.5))
+        self.user_id = nn.Embedding(n_users, dim)
+        self.item_id = nn.Embedding(n_items, dim)
+        self.user_bias = nn.Embedding(n_users, 1)
+        self.item_bias = nn.Embedding(n_items, 1)
+        # One linear map per side gives both the text vector and the text bias.
+        self.user_text = nn.Linear(hidden_size, dim + 1)
+        self.item_text = nn.Linear(hidden_size, dim + 1)
+        self.top_layers = top_layers if top_layers is not None else nn.ModuleList()
+        for table in (self.user_id, self.item_id):
+            nn.init.normal_(table.weight, std=0.05)
+        for table in (self.user_bias, self.item_bias):
+            nn.init.zeros_(table.weight)
+        for table in (self.user_id, self.item_id):
+            with torch.no_grad():
+                table.weight[UNKNOWN] = 0.0
+        for linear in (self.user_text, self.item_text):
+            nn.init.normal_(linear.weight, std=0.05)
+            nn.init.zeros_(linear.bias)
+
+    def encode(self, features: TextFeatures) -> torch.Tensor:
+        if features.pooled is not None:
+            return features.pooled
+        hidden = run_layers(self.top_layers, features.hidden, features.mask)
+        return mean_pool(hidden, features.mask)
+
+    def side(self, ids: torch.Tensor, pooled: torch.Tensor, user: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        text = (self.user_text if user else self.item_text)(pooled)
+        id_vector = (self.user_id if user else self.item_id)(ids)
+        id_bias = (self.user_bias if user else self.item_bias)(ids)[:, 0]
+        return text[:, : self.dim] + id_vector, text[:, self.dim] + id_bias
+
+    def score(self, user_vec, user_bias, item_vec, item_bias) -> torch.Tensor:
+        return self.mu + user_bias + item_bias + (user_vec * item_vec).sum(-1)
+
+
+@dataclass
+class Vocab:
+    """Id -> row, with row 0 reserved for unknown ids. New ids are appended, so the rows
+    of ids seen before keep their learned values."""
+
+    ids: list[str] = field(default_factory=lambda: ["<unk>"])
+
+    def __post_init__(self):
+        self.index = {value: row for row, value in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def extend(self, new_ids) -> int:
+        added = 0
+        for value in new_ids:
+            if value not in self.index:
+                self.index[value] = len(self.ids)
+                self.ids.append(value)
+                added += 1
+        return added
+
+    def rows(self, values) -> np.ndarray:
+        return np.fromiter((self.index.get(v, UNKNOWN) for v in values), dtype=np.int64, count=len(values))
+
+
+@dataclass
+class Checkpoint:
+    """Everything a nightly run resumes from."""
+
+    model: Recommender
+    config: ModelConfig
+    encoder_identity: str
+    users: Vocab
+    items: Vocab
+    optimizer_state: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    global_step: int = 0
+    ingest_watermark: int = 0
+    max_event_time: str | None = None
+    loss: str = "mse"
+    history: list[dict] = field(default_factory=list)
+
+
+def top_layers_of(encoder: Encoder, trainable_layers: int) -> nn.ModuleList:
+    if trainable_layers > encoder.num_layers:
+        from llmrec.errors import LlmrecError
+
+        raise LlmrecError(
+            f"model.trainable_layers={trainable_layers} but encoder {encoder.name!r} has only {encoder.num_layers} layers"
+        )
+    layers = nn.ModuleList(copy.deepcopy(layer) for layer in encoder.layers[encoder.num_layers - trainable_layers :])
+    for parameter in layers.parameters():
+        parameter.requires_grad_(True)
+    return layers
+
+
+def new_checkpoint(encoder: Encoder, config: ModelConfig, seed: int) -> Checkpoint:
+    torch.manual_seed(seed)
+    model = Recommender(encoder.hidden_size, config.dim, 1, 1, top_layers_of(encoder, config.trainable_layers))
+    return Checkpoint(model=model, config=config, encoder_identity=encoder.identity, users=Vocab(), items=Vocab())
+
+
+def grow(checkpoint: Checkpoint, user_ids, item_ids, seed: int) -> tuple[int, int]:
+    """Extend the vocabularies with unseen ids; old rows and their optimizer moments keep
+    their values, new rows start small (ids) or at zero (biases, moments)."""
+    added_users = checkpoint.users.extend(user_ids)
+    added_items = checkpoint.items.extend(item_ids)
+    model = checkpoint.model
+    generator = torch.Generator().manual_seed(seed + checkpoint.global_step)
+    for name, size in (("user_id", len(checkpoint.users)), ("user_bias", len(checkpoint.users)),
+                       ("item_id", len(checkpoint.items)), ("item_bias", len(checkpoint.items))):
+        table: nn.Embedding = getattr(model, name)
+        old = table.weight.data
+        if len(old) == size:
+            continue
+        fresh = torch.zeros(size - len(old), old.shape[1])
+        if not name.endswith("bias"):
+            fresh.normal_(std=0.05, generator=generator)
+        grown = nn.Embedding(size, old.shape[1])
+        grown.weight.data = torch.cat([old, fresh])
+        setattr(model, name, grown)
+        state = checkpoint.optimizer_state.get(f"{name}.weight", {})
+        for moment, value in state.items():
+            if value.dim() == 2:
+                state[moment] = torch.cat([value, torch.zeros(size - len(value), value.shape[1])])
+    return added_users, added_items
+
+
+def save(checkpoint: Checkpoint, folder: Path, vectors: dict[str, torch.Tensor] | None = None,
+         vector_ids: dict[str, list[str]] | None = None) -> Path:
+    """Write the checkpoint atomically: build it in a temp folder, then rename."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous() for k, v in checkpoint.model.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"))
+    moments = {
+        f"{name}::{key}": value.detach().contiguous()
+        for name, entry in checkpoint.optimizer_state.items()
+        for key, value in entry.items()
+    }
+    save_file(moments, str(tmp / "optimizer.safetensors"))
+    if vectors is not None:
+        save_file({k: v.detach().float().contiguous() for k, v in vectors.items()}, str(tmp / "vectors.safetensors"))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model_config": checkpoint.config.model_dump(),
+        "encoder_identity": checkpoint.encoder_identity,
+        "user_ids": checkpoint.users.ids,
+        "item_ids": checkpoint.items.ids,
+        "global_step": checkpoint.global_step,
+        "ingest_watermark": checkpoint.ingest_watermark,
+        "max_event_time": checkpoint.max_event_time,
+        "loss": checkpoint.loss,
+        "history": checkpoint.history,
+        "vector_ids": vector_ids or {},
+    }
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def read_state(folder: Path) -> dict:
+    path = Path(folder) / "state.json"
+    if not path.exists():
+        from llmrec.errors import LlmrecError
+
+        raise LlmrecError(f"{path}: not an llmrec checkpoint (state.json missing)")
+    return json.loads(path.read_text())
+
+
+def load(folder: Path, encoder: Encoder) -> Checkpoint:
+    """Resume a checkpoint. Its encoder identity must match the encoder given, because the
+    cached frozen-layer outputs and the projections were learned for that encoder."""
+    from safetensors.torch import load_file
+
+    from llmrec.errors import LlmrecError
+
+    folder = Path(folder)
+    meta = read_state(folder)
+    if meta["encoder_identity"] != encoder.identity:
+        raise LlmrecError(
+            f"{folder}: checkpoint was trained with encoder identity {meta['encoder_identity']}, "
+            f"but model.encoder={encoder.name!r} has identity {encoder.identity}; use the same encoder "
+            "or start a new registered model"
+        )
+    config = ModelConfig(**meta["model_config"])
+    users, items = Vocab(list(meta["user_ids"])), Vocab(list(meta["item_ids"]))
+    model = Recommender(encoder.hidden_size, config.dim, len(users), len(items), top_layers_of(encoder, config.trainable_layers))
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    optimizer_state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(folder / "optimizer.safetensors")).items():
+        name, moment = key.split("::")
+        optimizer_state.setdefault(name, {})[moment] = value
+    return Checkpoint(
+        model=model,
+        config=config,
+        encoder_identity=meta["encoder_identity"],
+        users=users,
+        items=items,
+        optimizer_state=optimizer_state,
+        global_step=int(meta["global_step"]),
+        ingest_watermark=int(meta["ingest_watermark"]),
+        max_event_time=meta["max_event_time"],
+        loss=meta.get("loss", "mse"),
+        history=list(meta.get("history", [])),
+    )
+
+
+class VectorPredictor:
+    """Serving-time scorer over the vectors stored in a checkpoint: no encoder needed.
+    An id not in the stored catalog falls back to the mean and the other side's bias."""
+
+    def __init__(self, folder: Path):
+        from safetensors.torch import load_file
+
+        meta = read_state(folder)
+        tensors = load_file(str(Path(folder) / "vectors.safetensors"))
+        self.loss = meta.get("loss", "mse")
+        self.mu = float(tensors["mu"])
+        self.user_vectors = tensors["user_vectors"].numpy()
+        self.user_bias = tensors["user_bias"].numpy()
+        self.item_vectors = tensors["item_vectors"].numpy()
+        self.item_bias = tensors["item_bias"].numpy()
+        self.user_index = {u: i for i, u in enumerate(meta["vector_ids"]["users"])}
+        self.item_index = {v: i for i, v in enumerate(meta["vector_ids"]["items"])}
+
+    def predict(self, user_ids, item_ids) -> np.ndarray:
+        users = np.array([self.user_index.get(str(u), -1) for u in user_ids])
+        items = np.array([self.item_index.get(str(i), -1) for i in item_ids])
+        known_u, known_i = users >= 0, items >= 0
+        score = np.full(len(users), self.mu, dtype=np.float64)
+        score[known_u] += self.user_bias[users[known_u]]
+        score[known_i] += self.item_bias[items[known_i]]
+        both = known_u & known_i
+        score[both] += np.einsum("ij,ij->i", self.user_vectors[users[both]], self.item_vectors[items[both]])
+        return output_transform(score, self.loss)
+
+
+def output_transform(score, loss: str):
+    """What a prediction means: a rating for mse, a probability of a positive for bce."""
+    if loss == "bce":
+        return 1.0 / (1.0 + np.exp(-score)) if isinstance(score, np.ndarray) else torch.sigmoid(score)
+    return score

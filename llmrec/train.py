@@ -1,0 +1,184 @@
+"""The training loop, in one readable function, and resuming it night after night."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from llmrec.config import TrainingConfig
+from llmrec.encoder import TextCache, TextFeatures
+from llmrec.model import Checkpoint, grow
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        from llmrec.errors import LlmrecError
+
+        raise LlmrecError("training.device='cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+@dataclass
+class TrainResult:
+    epoch_losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    ratings: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ratings_per_second(self) -> float:
+        return self.ratings / self.seconds if self.seconds else math.nan
+
+
+def make_optimizer(checkpoint: Checkpoint, config: TrainingConfig, device: torch.device) -> torch.optim.AdamW:
+    model = checkpoint.model
+    encoder_params = [p for p in model.top_layers.parameters() if p.requires_grad]
+    encoder_ids = {id(p) for p in encoder_params}
+    head_params = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_ids]
+    groups = [{"params": head_params, "lr": config.lr}]
+    if encoder_params:
+        groups.append({"params": encoder_params, "lr": config.encoder_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=device.type == "cuda")
+    # Moments are stored by parameter name, so they survive vocabulary growth and reordering.
+    by_name = dict(model.named_parameters())
+    for name, moments in checkpoint.optimizer_state.items():
+        if name in by_name and moments["exp_avg"].shape == by_name[name].shape:
+            optimizer.state[by_name[name]] = {k: v.to(device) for k, v in moments.items()}
+    return optimizer
+
+
+def export_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    exported = {}
+    for name, parameter in model.named_parameters():
+        state = optimizer.state.get(parameter)
+        if state:
+            exported[name] = {k: torch.as_tensor(v).detach().cpu().float() for k, v in state.items()}
+    return exported
+
+
+def train(
+    checkpoint: Checkpoint,
+    user_features: TextFeatures,
+    item_features: TextFeatures,
+    user_rows: np.ndarray,
+    item_rows: np.ndarray,
+    ratings: np.ndarray,
+    config: TrainingConfig,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Fine-tune `checkpoint` in place on (user row, item row, rating) triples.
+
+    `user_features` / `item_features` are the frozen encoder outputs row-aligned with the
+    checkpoint's vocabularies. Each step encodes only the distinct users and items of its
+    batch, then scores every rating of the batch from those vectors.
+    """
+    device = pick_device(config.device)
+    model = checkpoint.model.to(device).train()
+    optimizer = make_optimizer(checkpoint, config, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    users = torch.as_tensor(user_rows, dtype=torch.long)
+    items = torch.as_tensor(item_rows, dtype=torch.long)
+    targets = torch.as_tensor(ratings, dtype=torch.float32)
+    if config.loss == "bce":
+        targets = (targets >= config.positive_threshold).float()
+    generator = torch.Generator().manual_seed(config.seed + checkpoint.global_step)
+    result = TrainResult()
+    start = time.perf_counter()
+    for epoch in range(config.epochs):
+        order = torch.randperm(len(targets), generator=generator)
+        total, seen = 0.0, 0
+        for first in range(0, len(order), config.batch_size):
+            batch = order[first : first + config.batch_size]
+            batch_users, user_pos = torch.unique(users[batch], return_inverse=True)
+            batch_items, item_pos = torch.unique(items[batch], return_inverse=True)
+            user_in = to_device(user_features.take(batch_users), device)
+            item_in = to_device(item_features.take(batch_items), device)
+            target = targets[batch].to(device)
+            with autocast:
+                user_vec, user_bias = model.side(batch_users.to(device), model.encode(user_in), user=True)
+                item_vec, item_bias = model.side(batch_items.to(device), model.encode(item_in), user=False)
+                score = model.score(user_vec[user_pos.to(device)], user_bias[user_pos.to(device)],
+                                    item_vec[item_pos.to(device)], item_bias[item_pos.to(device)]).float()
+            if config.loss == "bce":
+                loss = nn.functional.binary_cross_entropy_with_logits(score, target)
+            else:
+                loss = nn.functional.mse_loss(score, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            checkpoint.global_step += 1
+            result.steps += 1
+            total += float(loss.detach()) * len(batch)
+            seen += len(batch)
+        epoch_loss = total / max(seen, 1)
+        result.epoch_losses.append(epoch_loss)
+        result.ratings += seen
+        log.info("epoch %d/%d: loss %.4f (%d ratings, step %d)", epoch + 1, config.epochs, epoch_loss, seen,
+                 checkpoint.global_step)
+        if on_epoch is not None:
+            on_epoch(epoch, epoch_loss)
+    result.seconds = time.perf_counter() - start
+    checkpoint.model = model.cpu().eval()
+    checkpoint.optimizer_state = export_optimizer_state(checkpoint.model, optimizer)
+    checkpoint.loss = config.loss
+    return result
+
+
+def to_device(features: TextFeatures, device: torch.device) -> TextFeatures:
+    if device.type == "cpu":
+        return features
+    return TextFeatures(
+        pooled=None if features.pooled is None else features.pooled.to(device, non_blocking=True),
+        hidden=None if features.hidden is None else features.hidden.to(device, non_blocking=True),
+        mask=None if features.mask is None else features.mask.to(device, non_blocking=True),
+    )
+
+
+def text_features(cache: TextCache, ids: list[str], texts: dict[str, str]) -> TextFeatures:
+    """Frozen-encoder features for ids, in order; an id without a catalog row reads as
+    empty text, which the encoder still maps to a vector."""
+    return cache.features([texts.get(i, "") for i in ids])
+
+
+def fit(
+    checkpoint: Checkpoint,
+    cache: TextCache,
+    train_rows: pd.DataFrame,
+    user_texts: dict[str, str],
+    item_texts: dict[str, str],
+    config: TrainingConfig,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> tuple[TrainResult, dict[str, int]]:
+    """Grow the vocabularies with the ids in `train_rows`, then train on them."""
+    first_run = checkpoint.global_step == 0
+    added_users, added_items = grow(checkpoint, train_rows["user_id"].unique(), train_rows["item_id"].unique(), config.seed)
+    if first_run and config.loss == "mse" and len(train_rows):
+        with torch.no_grad():
+            checkpoint.model.mu.fill_(float(train_rows["rating"].mean()))
+    user_features = text_features(cache, checkpoint.users.ids, user_texts)
+    item_features = text_features(cache, checkpoint.items.ids, item_texts)
+    result = train(
+        checkpoint,
+        user_features,
+        item_features,
+        checkpoint.users.rows(train_rows["user_id"].tolist()),
+        checkpoint.items.rows(train_rows["item_id"].tolist()),
+        train_rows["rating"].to_numpy(dtype=np.float32),
+        config,
+        on_epoch,
+    )
+    return result, {"added_users": added_users, "added_items": added_items,
+                    "users": len(checkpoint.users) - 1, "items": len(checkpoint.items) - 1}
