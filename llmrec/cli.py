@@ -1,0 +1,211 @@
+"""The `llmrec` command line. A mistake the user can fix (missing folder, bad parameter,
+unreadable file) prints one message naming it and exits with code 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llmrec")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="llmrec: a continual-learning recommender on a pretrained language model.")
+data_app = typer.Typer(no_args_is_help=True, help="Write landing drops (events/, items/, users/ Parquet).")
+app.add_typer(data_app, name="data")
+
+
+class UsageError(Exception):
+    pass
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def parse_sets(values: list[str]) -> dict:
+    """--set training.epochs=5 --set gate.metrics='["rmse"]' -> nested dict (values are
+    JSON when they parse as JSON, else strings)."""
+    out: dict = {}
+    for item in values:
+        if "=" not in item:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. training.epochs=5")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def build_config(config_file: Optional[Path], landing: Optional[str], home: Optional[str], sets: list[str],
+                 fail_on_invalid: Optional[bool] = None):
+    from pydantic import ValidationError
+
+    from llmrec.config import NightlyConfig
+
+    values: dict = {}
+    if config_file is not None:
+        if not config_file.exists():
+            raise UsageError(f"--config {config_file}: file does not exist")
+        try:
+            values = json.loads(config_file.read_text())
+        except json.JSONDecodeError as error:
+            raise UsageError(f"--config {config_file}: not valid JSON ({error})") from error
+    merge(values, parse_sets(sets))
+    if landing is not None:
+        values["landing"] = landing
+    if home is not None:
+        values["home"] = home
+    if fail_on_invalid is not None:
+        values["fail_on_invalid"] = fail_on_invalid
+    try:
+        return NightlyConfig(**values)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
+        raise UsageError(f"invalid parameter(s): {problems}") from error
+
+
+def guarded(function):
+    """Run a command body, turning user errors into one line and exit code 2."""
+    from llmrec.errors import LlmrecError
+
+    try:
+        return function()
+    except (LlmrecError, UsageError) as error:
+        fail(str(error))
+
+
+@data_app.command("movielens")
+def data_movielens(
+    source: Path = typer.Option(..., help="MovieLens-100k folder (u.data, u.item, u.user, u.genre)."),
+    out: Path = typer.Option(..., help="Folder to write the drops into."),
+    period: str = typer.Option("1D", help="One drop per 1D (day) or 7D (week) after the bootstrap."),
+    bootstrap_days: int = typer.Option(28, help="Days of history in the first drop."),
+) -> None:
+    """Turn MovieLens-100k into time-ordered landing drops."""
+    from llmrec.data import movielens_drops
+
+    tags = guarded(lambda: movielens_drops(source, out, period=period, bootstrap_days=bootstrap_days))
+    typer.echo(f"wrote {len(tags)} drops to {out} ({tags[0]} .. {tags[-1]})")
+
+
+@data_app.command("synthetic")
+def data_synthetic(
+    out: Path = typer.Option(..., help="Folder to write the drops into."),
+    users: int = typer.Option(300, help="Number of users."),
+    items: int = typer.Option(400, help="Number of items (about 60% exist on day 1)."),
+    days: int = typer.Option(14, help="Number of daily drops."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Write synthetic drops: items with text, users with latent tastes, new items, drift."""
+    from llmrec.data import synthetic_drops
+
+    tags = guarded(lambda: synthetic_drops(out, users=users, items=items, days=days, seed=seed))
+    typer.echo(f"wrote {len(tags)} drops to {out} ({tags[0]} .. {tags[-1]})")
+
+
+@app.command("nightly")
+def nightly_command(
+    landing: Optional[str] = typer.Option(None, help="Landing folder or URI."),
+    home: Optional[str] = typer.Option(None, help="State folder (default $LLMREC_HOME or ./.llmrec)."),
+    config: Optional[Path] = typer.Option(None, help="JSON file with NightlyConfig fields."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field, e.g. --set training.epochs=5."),
+    fail_on_invalid: Optional[bool] = typer.Option(None, "--fail-on-invalid/--continue-on-invalid"),
+) -> None:
+    """Run the nightly-retrain flow once (on a temporary Prefect server if PREFECT_API_URL is unset)."""
+    cfg = guarded(lambda: build_config(config, landing, home, set_, fail_on_invalid))
+
+    def run():
+        from flows.nightly import nightly_retrain
+
+        return nightly_retrain(config=cfg)
+
+    summary = guarded(run)
+    typer.echo(json.dumps({k: summary[k] for k in ("run", "status", "version", "note")}, default=str))
+
+
+@app.command("demo")
+def demo_command(
+    ml100k: Optional[Path] = typer.Option(None, envvar="ML100K_DIR", help="MovieLens-100k folder; synthetic data if unset."),
+    nights: int = typer.Option(4, help="Consecutive nights to run after the first."),
+    workdir: Path = typer.Option(Path("demo-data"), help="Where drops, landing and state go."),
+    set_: list[str] = typer.Option([], "--set", help="Override a NightlyConfig field."),
+) -> None:
+    """Build drops, then run the nightly flow night after night and print what happened."""
+    from flows.demo import run_demo
+
+    guarded(lambda: run_demo(ml100k, nights, workdir, parse_sets(set_)))
+
+
+@app.command("versions")
+def versions_command(home: Optional[str] = typer.Option(None), model: str = typer.Option("llmrec")) -> None:
+    """List the registered model's versions with aliases and decisions."""
+    from llmrec import registry
+    from llmrec.config import Home, default_home
+
+    registry.configure(Home(home or default_home()), "llmrec")
+    frame = guarded(lambda: registry.version_history(model))
+    typer.echo(frame.to_string(index=False) if len(frame) else f"no versions of {model!r} yet")
+
+
+@app.command("rollback")
+def rollback_command(
+    version: Optional[str] = typer.Option(None, help="Version to make champion (default: alias 'previous')."),
+    home: Optional[str] = typer.Option(None),
+    model: str = typer.Option("llmrec"),
+) -> None:
+    """Move the champion alias back; nothing is deleted."""
+    from llmrec import registry
+    from llmrec.config import Home, default_home
+
+    registry.configure(Home(home or default_home()), "llmrec")
+    champion = guarded(lambda: registry.rollback(model, version))
+    typer.echo(f"{model}: champion is now version {champion}")
+
+
+@app.command("serve")
+def serve_command(
+    landing: Optional[str] = typer.Option(None), home: Optional[str] = typer.Option(None),
+    cron: str = typer.Option("0 2 * * *", help="Nightly schedule."),
+    timezone: str = typer.Option("Europe/Berlin", help="Timezone of the schedule (an hour that exists every day)."),
+) -> None:
+    """Serve the nightly (cron) and manual deployments against PREFECT_API_URL."""
+    from flows.serve import serve
+
+    cfg = guarded(lambda: build_config(None, landing, home, []))
+    guarded(lambda: serve(cfg, cron, timezone))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

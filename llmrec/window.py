@@ -1,0 +1,77 @@
+"""Which rows a nightly run trains on and which it is judged on.
+
+    new rows   curated rows the champion has not seen (ingest sequence > its watermark)
+    anchor     a fixed sample drawn from the first night's rows, never trained on, so
+               every later model is scored on the same old rows (exposes forgetting)
+    held_out   the newest slice by time of the new rows, not trained on tonight
+    replay     a random sample of older rows, `replay_fraction` x the new training rows
+    train      new rows - anchor - held_out, plus replay
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from llmrec.config import EvaluationConfig, TrainingConfig
+
+KEY = ["user_id", "item_id", "timestamp"]
+
+
+@dataclass
+class Window:
+    train: pd.DataFrame
+    held_out: pd.DataFrame
+    anchor: pd.DataFrame
+    new_rows: int
+    replay_rows: int
+
+    def summary(self) -> dict:
+        return {
+            "new_rows": self.new_rows,
+            "train_rows": len(self.train),
+            "replay_rows": self.replay_rows,
+            "held_out_rows": len(self.held_out),
+            "anchor_rows": len(self.anchor),
+            "first_event": _iso(self.train["timestamp"].min()) if len(self.train) else None,
+            "last_event": _iso(self.held_out["timestamp"].max()) if len(self.held_out) else None,
+        }
+
+
+def _iso(value) -> str:
+    return pd.Timestamp(value).isoformat()
+
+
+def draw_anchor(rows: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    count = max(1, int(round(len(rows) * fraction))) if len(rows) else 0
+    return rows.sample(n=count, random_state=seed)[KEY + ["rating"]].reset_index(drop=True)
+
+
+def without(rows: pd.DataFrame, drop: pd.DataFrame) -> pd.DataFrame:
+    if drop.empty or rows.empty:
+        return rows
+    marker = drop[KEY].drop_duplicates().assign(_drop=True)
+    merged = rows.merge(marker, on=KEY, how="left")
+    return merged[merged["_drop"].isna()].drop(columns="_drop").reset_index(drop=True)
+
+
+def split(events: pd.DataFrame, watermark: int, anchor: pd.DataFrame | None,
+          training: TrainingConfig, evaluation: EvaluationConfig) -> Window:
+    """Cut tonight's window out of all curated events. `watermark` is the champion's
+    ingest sequence (0 before the first model); `anchor` is None on the first night."""
+    new = events[events["_ingest_seq"] > watermark]
+    older = events[events["_ingest_seq"] <= watermark]
+    if anchor is None:
+        anchor = draw_anchor(new, evaluation.anchor_fraction, training.seed)
+    new = without(new, anchor).sort_values("timestamp", kind="stable")
+    held_count = int(np.ceil(len(new) * evaluation.held_out_fraction)) if len(new) > 1 else 0
+    held_out = new.iloc[len(new) - held_count :] if held_count else new.iloc[0:0]
+    new_train = new.iloc[: len(new) - held_count]
+    pool = without(older, anchor)
+    replay_count = min(len(pool), int(round(len(new_train) * training.replay_fraction)))
+    replay = pool.sample(n=replay_count, random_state=training.seed + watermark) if replay_count else pool.iloc[0:0]
+    train = pd.concat([new_train, replay], ignore_index=True)
+    return Window(train=train.reset_index(drop=True), held_out=held_out.reset_index(drop=True),
+                  anchor=anchor.reset_index(drop=True), new_rows=len(new), replay_rows=replay_count)

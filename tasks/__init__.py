@@ -1,0 +1,1 @@
+"""Thin Prefect tasks over the llmrec stage functions."""
