@@ -56,6 +56,9 @@ class TrainingConfig(BaseModel):
     batch_size: int = Field(512, ge=1, le=65536, description="Ratings per optimizer step.")
     lr: float = Field(5e-3, gt=0, le=1.0, description="AdamW learning rate for heads and embeddings.")
     encoder_lr: float = Field(2e-5, gt=0, le=1.0, description="AdamW learning rate for trainable encoder layers.")
+    l2: float = Field(
+        0.05, ge=0, le=10.0, description="Per-rating L2 penalty on the user and item vectors and biases."
+    )
     weight_decay: float = Field(1e-4, ge=0, le=1.0, description="AdamW weight decay.")
     loss: Literal["mse", "bce"] = Field(
         "mse", description="mse on ratings, or bce on implicit labels (rating >= positive_threshold)."

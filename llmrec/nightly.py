@@ -151,9 +151,8 @@ def find_champion(config: NightlyConfig) -> Champion:
     if info is None:
         return Champion(version=None, checkpoint_dir=None, ingest_watermark=0, global_step=0)
     target = home.runs / f"champion-v{info.version}"
-    local = target / "checkpoint"
-    if not (local / "state.json").exists():
-        local = registry.download_checkpoint(info, target)
+    cached = next(target.rglob("state.json"), None) if target.exists() else None
+    local = cached.parent if cached is not None else registry.download_checkpoint(info, target)
     state = model_mod.read_state(local)
     return Champion(version=info.version, checkpoint_dir=local, ingest_watermark=int(state["ingest_watermark"]),
                     global_step=int(state["global_step"]))

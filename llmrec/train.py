@@ -116,12 +116,19 @@ def train(
                 loss = nn.functional.binary_cross_entropy_with_logits(score, target)
             else:
                 loss = nn.functional.mse_loss(score, target)
+            fit_loss = loss
+            if config.l2:
+                # Per-rating L2 on the vectors and biases used, as in biased matrix factorisation:
+                # without it the id embeddings of users with few ratings overfit within an epoch.
+                penalty = (user_vec.float().pow(2).sum(-1)[user_pos.to(device)] + item_vec.float().pow(2).sum(-1)[item_pos.to(device)]
+                           + user_bias.float().pow(2)[user_pos.to(device)] + item_bias.float().pow(2)[item_pos.to(device)])
+                loss = loss + config.l2 * penalty.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             checkpoint.global_step += 1
             result.steps += 1
-            total += float(loss.detach()) * len(batch)
+            total += float(fit_loss.detach()) * len(batch)
             seen += len(batch)
         epoch_loss = total / max(seen, 1)
         result.epoch_losses.append(epoch_loss)

@@ -1,0 +1,59 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when
+# missing and install the project into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+
+LLMREC_HOME ?= $(CURDIR)/demo-data/home
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+UI_DIR := $(CURDIR)/.ui
+
+.PHONY: install demo test test-fast bench bench-quality ui ui-stop clean-venv
+
+install: $(VENV)/.installed
+
+# torch first, pinned to the CPU build on disk here; a user who installed a CUDA torch
+# into the venv beforehand keeps it (pyproject accepts a range).
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/llmrec demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/score_throughput.py
+	$(PY) benchmarks/incremental_vs_full.py
+
+bench-quality: install
+	$(PY) benchmarks/quality.py
+
+# Prefect server and MLflow UI on 127.0.0.1, pids in .ui/; `make ui-stop` stops both.
+ui: install
+	mkdir -p $(UI_DIR)
+	PREFECT_HOME=$(UI_DIR)/prefect nohup $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) \
+		--analytics-off > $(UI_DIR)/prefect.log 2>&1 & echo $$! > $(UI_DIR)/prefect.pid
+	nohup $(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(LLMREC_HOME)/mlflow.db \
+		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 > $(UI_DIR)/mlflow.log 2>&1 & echo $$! > $(UI_DIR)/mlflow.pid
+	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)   (export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api)"
+	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)    (registry of $(LLMREC_HOME)/mlflow.db)"
+	@echo "Serve the deployments: PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(VENV)/bin/llmrec serve --landing <dir>"
+	@echo "Stop both: make ui-stop"
+
+ui-stop:
+	-for f in $(UI_DIR)/prefect.pid $(UI_DIR)/mlflow.pid; do \
+		test -f $$f && pkill -TERM -P $$(cat $$f); test -f $$f && kill -TERM $$(cat $$f); rm -f $$f; done

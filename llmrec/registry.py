@@ -1,0 +1,235 @@
+"""MLflow tracking and model registry: log a checkpoint as a pyfunc model version, apply the
+gate's decision as aliases and tags, describe the version, roll back, list the history.
+
+Aliases: `champion` is served and resumed from, `previous` is the champion it displaced
+(the rollback target), `challenger` is the latest rejected version. Nothing is ever deleted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, infer_signature
+
+from llmrec.config import Home
+from llmrec.errors import LlmrecError
+from llmrec.gate import Decision
+
+CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
+# Error codes MLflow uses for "no such registered model / alias / version".
+_ABSENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"}
+
+
+def configure(home: Home, experiment: str) -> str:
+    """Point MLflow at $MLFLOW_TRACKING_URI or the sqlite file in `home`, select `experiment`
+    (creating it with artifacts under `home.mlflow_artifacts` when the store is local sqlite)
+    and return the tracking URI."""
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    uri = home.mlflow_uri()
+    if uri.startswith("sqlite:"):
+        home.ensure()
+    mlflow.set_tracking_uri(uri)
+    # A server assigns its own (proxied) artifact root; only a local store needs a folder.
+    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(experiment) is None:
+        try:
+            mlflow.create_experiment(experiment, artifact_location=home.mlflow_artifacts.as_uri())
+        except MlflowException:
+            # Another process may have created it between the lookup and the create.
+            if mlflow.get_experiment_by_name(experiment) is None:
+                raise
+    mlflow.set_experiment(experiment)
+    return uri
+
+
+@dataclass
+class ModelVersionInfo:
+    """What the flow needs to know about one registered model version."""
+
+    version: str
+    run_id: str | None
+    source: str
+    tags: dict
+    description: str
+    aliases: list[str]
+    name: str
+
+
+def _info(mv) -> ModelVersionInfo:
+    return ModelVersionInfo(
+        version=str(mv.version),
+        run_id=mv.run_id,
+        source=mv.source,
+        tags=dict(mv.tags or {}),
+        description=mv.description or "",
+        aliases=list(mv.aliases or []),
+        name=mv.name,
+    )
+
+
+def get_alias(name: str, alias: str) -> ModelVersionInfo | None:
+    """The version of registered model `name` carrying `alias`, or None when the model or the
+    alias does not exist."""
+    try:
+        return _info(MlflowClient().get_model_version_by_alias(name, alias))
+    except MlflowException as exc:
+        if exc.error_code in _ABSENT:
+            return None
+        raise
+
+
+def download_checkpoint(info: ModelVersionInfo, dest: Path) -> Path:
+    """Download the version's `checkpoint` artifact folder into `dest`; return its local path."""
+    uri = f"models:/{info.name}/{info.version}"
+    # pyfunc stores an artifact under the basename of the logged folder
+    # (artifacts/<basename>), not under its key, so the MLmodel file says where it is.
+    artifacts = Model.load(uri).flavors.get("python_function", {}).get("artifacts", {})
+    if "checkpoint" not in artifacts:
+        raise LlmrecError(f"model version {info.name} v{info.version} has no 'checkpoint' artifact")
+    dest.mkdir(parents=True, exist_ok=True)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{uri}/{artifacts['checkpoint']['path']}", dst_path=str(dest)
+    )
+    return Path(local)
+
+
+def log_model_version(
+    name: str,
+    checkpoint_dir: Path,
+    python_model: str,
+    input_example: pd.DataFrame,
+    output_example: pd.DataFrame,
+    pip_requirements: list[str],
+) -> str:
+    """Log `checkpoint_dir` as a models-from-code pyfunc (`python_model` is the path of the .py
+    file that calls `mlflow.models.set_model`) in the active run, register it as a new version
+    of `name` and return the version."""
+    if mlflow.active_run() is None:
+        raise RuntimeError("log_model_version must be called inside mlflow.start_run()")
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(python_model),
+        artifacts={"checkpoint": str(checkpoint_dir)},
+        signature=infer_signature(input_example, output_example),
+        input_example=input_example,
+        pip_requirements=pip_requirements,
+    )
+    return str(mlflow.register_model(info.model_uri, name).version)
+
+
+def apply_decision(name: str, version: str, decision: Decision, description: str) -> None:
+    """Record the gate's decision on the version (tags, description) and move the aliases:
+    promoted -> `champion` (the displaced champion becomes `previous`), else `challenger`."""
+    client = MlflowClient()
+    client.set_model_version_tag(name, version, "decision", "promoted" if decision.promote else "rejected")
+    for check in decision.failed():
+        client.set_model_version_tag(name, version, f"failed.{check.part}.{check.metric}", check.outcome())
+    client.update_model_version(name, version, description=description)
+    if decision.promote:
+        current = get_alias(name, CHAMPION)
+        if current is not None and current.version != str(version):
+            client.set_registered_model_alias(name, PREVIOUS, current.version)
+        client.set_registered_model_alias(name, CHAMPION, version)
+    else:
+        client.set_registered_model_alias(name, CHALLENGER, version)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return "NaN" if math.isnan(value) else f"{value:.6g}"
+    return str(value).replace("|", "\\|")
+
+
+def describe_version(
+    window: dict,
+    metrics: dict,
+    champion_metrics: dict | None,
+    champion_version: str | None,
+    decision: Decision,
+) -> str:
+    """Markdown for the version description in the MLflow UI. The first line is the decision's
+    reason, so one-line listings (`version_history`) show it."""
+    champion = champion_metrics or {}
+    against = f"champion v{champion_version}" if champion_version else "champion"
+    verdict = f"Promoted, aliased `{CHAMPION}`" if decision.promote else f"Rejected, aliased `{CHALLENGER}`"
+    gated = {(c.part, c.metric): "pass" if c.passed else "FAIL" for c in decision.checks}
+    lines = [decision.reason, "", "### Data window", "", "| | |", "|---|---|"]
+    lines += [f"| {key.replace('_', ' ')} | {_cell(value)} |" for key, value in window.items()]
+    for part in dict.fromkeys([*metrics, *champion]):
+        ours, theirs = metrics.get(part, {}), champion.get(part, {})
+        lines += ["", f"### Metrics: {part}", "", f"| metric | challenger | {against} | difference | gate |"]
+        lines.append("|---|---:|---:|---:|---|")
+        for metric in dict.fromkeys([*ours, *theirs]):
+            a, b = ours.get(metric), theirs.get(metric)
+            diff = _cell(a - b) if a is not None and b is not None else ""
+            cells = [metric, _cell(a) if a is not None else "", _cell(b) if b is not None else "", diff]
+            lines.append(f"| {' | '.join(cells)} | {gated.get((part, metric), '')} |")
+    lines += ["", "### Decision", "", f"**{verdict}.**", ""]
+    lines += [f"- {gated[c.part, c.metric]}: {c.rule} (challenger {_cell(c.challenger)})" for c in decision.checks]
+    lines += [f"- skipped: {note}" for note in decision.skipped]
+    return "\n".join(lines) + "\n"
+
+
+def rollback(name: str, version: str | None = None) -> str:
+    """Move `champion` to `version` (default: the version aliased `previous`); the displaced
+    champion becomes `previous`. Returns the new champion's version."""
+    client = MlflowClient()
+    if version is None:
+        target = get_alias(name, PREVIOUS)
+        if target is None:
+            raise LlmrecError(
+                f"registered model {name!r} has no version aliased {PREVIOUS!r} to roll back to; "
+                "pass the version to roll back to (see the version history)"
+            )
+        version = target.version
+    else:
+        try:
+            client.get_model_version(name, str(version))
+        except MlflowException as exc:
+            if exc.error_code in _ABSENT:
+                raise LlmrecError(f"registered model {name!r} has no version {version!r}") from exc
+            raise
+    current = get_alias(name, CHAMPION)
+    if current is not None and current.version == str(version):
+        return current.version
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS, current.version)
+    return str(version)
+
+
+HISTORY_COLUMNS = ["version", "aliases", "decision", "created", "description"]
+
+
+def version_history(name: str) -> pd.DataFrame:
+    """One row per version of `name`, oldest first: version, aliases, decision tag, creation
+    time (UTC) and the first line of the description. Empty when the model does not exist."""
+    client = MlflowClient()
+    try:
+        aliases_of = client.get_registered_model(name).aliases
+    except MlflowException as exc:
+        if exc.error_code in _ABSENT:
+            return pd.DataFrame(columns=HISTORY_COLUMNS)
+        raise
+    # search_model_versions leaves `aliases` empty; the registered model maps alias -> version.
+    by_version: dict[str, list[str]] = {}
+    for alias, v in aliases_of.items():
+        by_version.setdefault(str(v), []).append(alias)
+    rows = [
+        {
+            "version": str(mv.version),
+            "aliases": ", ".join(sorted(by_version.get(str(mv.version), []))),
+            "decision": (mv.tags or {}).get("decision", ""),
+            "created": pd.Timestamp(mv.creation_timestamp, unit="ms", tz="UTC"),
+            "description": (mv.description or "").split("\n", 1)[0],
+        }
+        for mv in client.search_model_versions(f"name = '{name}'")
+    ]
+    rows.sort(key=lambda row: int(row["version"]))
+    return pd.DataFrame(rows, columns=HISTORY_COLUMNS)

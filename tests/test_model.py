@@ -1,0 +1,152 @@
+"""Model tests: vocabulary growth, resumable checkpoints, text features, cold start, cache."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from llmrec.config import ModelConfig, TrainingConfig
+from llmrec.encoder import TextCache
+from llmrec.errors import LlmrecError
+from llmrec.model import UNKNOWN, VectorPredictor, grow, load, new_checkpoint, save
+from llmrec.scoring import Scorer
+from llmrec.train import fit
+
+GENRES = ["action", "comedy", "drama", "horror"]
+
+
+def toy(n_users=40, n_items=60, n=3000, seed=0):
+    """Ratings driven by genre taste: user u likes genre u % 4."""
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, n_users, n)
+    items = rng.integers(0, n_items, n)
+    rating = np.where(users % 4 == items % 4, 5.0, 2.0)
+    frame = pd.DataFrame({"user_id": [f"u{u}" for u in users], "item_id": [f"i{i}" for i in items],
+                          "rating": rating, "timestamp": pd.Timestamp("2026-01-01", tz="UTC")})
+    user_texts = {f"u{u}": f"occupation: fan of {GENRES[u % 4]}" for u in range(n_users)}
+    item_texts = {f"i{i}": f"film {i}; genres: {GENRES[i % 4]}" for i in range(n_items)}
+    return frame, user_texts, item_texts
+
+
+def trained(tiny_encoder, trainable_layers=0, epochs=4, **kw):
+    frame, user_texts, item_texts = toy(**kw)
+    checkpoint = new_checkpoint(tiny_encoder, ModelConfig(dim=8, trainable_layers=trainable_layers), seed=0)
+    cache = TextCache(None, tiny_encoder, tiny_encoder.num_layers - trainable_layers, 32)
+    result, _ = fit(checkpoint, cache, frame, user_texts, item_texts, TrainingConfig(epochs=epochs, lr=0.02, batch_size=256))
+    return checkpoint, cache, result, (frame, user_texts, item_texts)
+
+
+def scorer_for(checkpoint, cache, user_texts, item_texts):
+    users, items = sorted(user_texts), sorted(item_texts)
+    return Scorer(checkpoint, users, cache.features([user_texts[u] for u in users]),
+                  items, cache.features([item_texts[i] for i in items]))
+
+
+def test_training_learns_the_taste_structure(tiny_encoder):
+    checkpoint, cache, result, (frame, user_texts, item_texts) = trained(tiny_encoder, epochs=6)
+    assert result.epoch_losses[-1] < 0.5 * result.epoch_losses[0]
+    scorer = scorer_for(checkpoint, cache, user_texts, item_texts)
+    pred = scorer.predict(frame["user_id"].tolist(), frame["item_id"].tolist())
+    assert np.sqrt(np.mean((pred - frame["rating"].to_numpy()) ** 2)) < 0.8
+
+
+def test_vocab_growth_keeps_old_rows_and_pads_optimizer_moments(tiny_encoder):
+    checkpoint, *_ = trained(tiny_encoder, epochs=1)
+    old_users = len(checkpoint.users)
+    old_rows = checkpoint.model.user_id.weight.detach().clone()
+    old_moment = checkpoint.optimizer_state["user_id.weight"]["exp_avg"].clone()
+    added_users, added_items = grow(checkpoint, ["u1", "new-a", "new-b"], ["i1"], seed=0)
+    assert (added_users, added_items) == (2, 0)
+    assert checkpoint.users.ids[-2:] == ["new-a", "new-b"]
+    weight = checkpoint.model.user_id.weight.detach()
+    assert torch.equal(weight[:old_users], old_rows)
+    moment = checkpoint.optimizer_state["user_id.weight"]["exp_avg"]
+    assert moment.shape[0] == old_users + 2 and torch.equal(moment[:old_users], old_moment)
+    assert torch.count_nonzero(checkpoint.model.user_bias.weight[old_users:]) == 0
+    assert torch.count_nonzero(checkpoint.model.user_id.weight[UNKNOWN]) == 0
+
+
+def test_checkpoint_round_trip_resumes_exactly(tiny_encoder, tmp_path):
+    checkpoint, cache, _, (frame, user_texts, item_texts) = trained(tiny_encoder, epochs=2)
+    scorer = scorer_for(checkpoint, cache, user_texts, item_texts)
+    tensors, ids = scorer.vectors()
+    folder = save(checkpoint, tmp_path / "ck", tensors, ids)
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "optimizer.safetensors",
+                                                         "state.json", "vectors.safetensors"]
+    state = json.loads((folder / "state.json").read_text())
+    assert state["global_step"] == checkpoint.global_step > 0
+    loaded = load(folder, tiny_encoder)
+    assert loaded.users.ids == checkpoint.users.ids and loaded.items.ids == checkpoint.items.ids
+    for name, value in checkpoint.model.state_dict().items():
+        assert torch.equal(value, loaded.model.state_dict()[name]), name
+    assert loaded.optimizer_state.keys() == checkpoint.optimizer_state.keys()
+    users, items = frame["user_id"].head(50).tolist(), frame["item_id"].head(50).tolist()
+    expected = scorer.predict(users, items)
+    again = scorer_for(loaded, cache, user_texts, item_texts).predict(users, items)
+    np.testing.assert_allclose(again, expected, rtol=1e-5, atol=1e-5)
+    # The serving predictor reads only the stored vectors, and agrees.
+    np.testing.assert_allclose(VectorPredictor(folder).predict(users, items), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_refuses_a_different_encoder(tiny_encoder, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from llmrec.encoder import from_model
+
+    checkpoint, *_ = trained(tiny_encoder, epochs=1)
+    folder = save(checkpoint, tmp_path / "ck")
+    torch.manual_seed(1)
+    other = from_model("other", tiny_encoder.tokenizer, BertModel(BertConfig(**tiny_encoder.model.config.to_dict())))
+    with pytest.raises(LlmrecError, match="encoder identity"):
+        load(folder, other)
+
+
+def test_unseen_item_is_scored_from_its_text(tiny_encoder):
+    checkpoint, cache, _, (frame, user_texts, item_texts) = trained(tiny_encoder, epochs=8)
+    user_texts = dict(user_texts)
+    new_items = {"new-action": "brand new film; genres: action", "new-comedy": "brand new film; genres: comedy"}
+    item_texts = dict(item_texts) | new_items
+    scorer = scorer_for(checkpoint, cache, user_texts, item_texts)
+    action_fans = [f"u{u}" for u in range(0, 40, 4)]
+    comedy_fans = [f"u{u}" for u in range(1, 40, 4)]
+    on_action = scorer.predict(action_fans, ["new-action"] * 10) - scorer.predict(action_fans, ["new-comedy"] * 10)
+    on_comedy = scorer.predict(comedy_fans, ["new-comedy"] * 10) - scorer.predict(comedy_fans, ["new-action"] * 10)
+    assert "new-action" not in checkpoint.items.index
+    assert on_action.mean() > 0.3 and on_comedy.mean() > 0.3
+
+
+def test_trainable_top_layer_is_fine_tuned_and_bottom_is_not(tiny_encoder):
+    before_top = tiny_encoder.layers[-1].attention.self.query.weight.detach().clone()
+    before_bottom = tiny_encoder.layers[0].attention.self.query.weight.detach().clone()
+    checkpoint, _, result, _ = trained(tiny_encoder, trainable_layers=1, epochs=2)
+    assert len(checkpoint.model.top_layers) == 1
+    assert not torch.equal(checkpoint.model.top_layers[0].attention.self.query.weight, before_top)
+    assert torch.equal(tiny_encoder.layers[0].attention.self.query.weight, before_bottom)
+    assert torch.equal(tiny_encoder.layers[-1].attention.self.query.weight, before_top)
+    assert any(name.startswith("top_layers.") for name in checkpoint.optimizer_state)
+
+
+def test_text_cache_persists_and_is_reused(tiny_encoder, tmp_path, monkeypatch):
+    cache = TextCache(tmp_path, tiny_encoder, 1, 32)
+    first = cache.features(["a red film", "a blue film"])
+    reloaded = TextCache(tmp_path, tiny_encoder, 1, 32)
+    monkeypatch.setattr(reloaded, "_compute", lambda missing: pytest.fail(f"recomputed {missing}"))
+    second = reloaded.features(["a blue film", "a red film"])
+    assert torch.allclose(first.hidden[0].float(), second.hidden[1].float())
+    # A different split point is a different cache entry.
+    other = TextCache(tmp_path, tiny_encoder, 2, 32)
+    assert other.folder != cache.folder
+
+
+def test_bce_loss_predicts_probabilities(tiny_encoder):
+    frame, user_texts, item_texts = toy()
+    checkpoint = new_checkpoint(tiny_encoder, ModelConfig(dim=8), seed=0)
+    cache = TextCache(None, tiny_encoder, tiny_encoder.num_layers, 32)
+    fit(checkpoint, cache, frame, user_texts, item_texts, TrainingConfig(epochs=10, lr=0.05, loss="bce"))
+    scorer = scorer_for(checkpoint, cache, user_texts, item_texts)
+    pred = scorer.predict(frame["user_id"].tolist(), frame["item_id"].tolist())
+    assert ((pred > 0) & (pred < 1)).all()
+    positive = frame["rating"].to_numpy() >= 4
+    assert pred[positive].mean() > pred[~positive].mean() + 0.3
