@@ -1,0 +1,58 @@
+"""Code tests of the metrics (hand-computed cases) and of full-catalog top-k scoring."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from llmrec.evaluate import ndcg_at_k, rating_metrics, recall_at_k
+
+
+def frame(rows, columns=("user_id", "item_id")):
+    return pd.DataFrame(rows, columns=list(columns))
+
+
+def test_rating_metrics_by_hand():
+    m = rating_metrics(np.array([1.0, 2.0, 4.0]), np.array([2.0, 2.0, 2.0]))
+    assert m["mse"] == pytest.approx(5 / 3)
+    assert m["rmse"] == pytest.approx(math.sqrt(5 / 3))
+    assert m["mae"] == pytest.approx(1.0)
+    assert math.isnan(rating_metrics(np.array([]), np.array([]))["rmse"])
+
+
+def test_recall_and_ndcg_by_hand():
+    relevant = frame([("a", "x"), ("a", "y"), ("b", "z")])
+    top = frame([("a", "x", 1), ("a", "q", 2), ("a", "y", 3), ("b", "q", 1), ("b", "r", 2)],
+                ("user_id", "item_id", "rank"))
+    # a: 2 of 2 relevant in top-3; b: 0 of 1.
+    assert recall_at_k(relevant, top, 3) == pytest.approx((1.0 + 0.0) / 2)
+    assert recall_at_k(relevant, top, 1) == pytest.approx((0.5 + 0.0) / 2)
+    dcg_a = 1 / math.log2(2) + 1 / math.log2(4)
+    idcg_a = 1 / math.log2(2) + 1 / math.log2(3)
+    assert ndcg_at_k(relevant, top, 3) == pytest.approx((dcg_a / idcg_a + 0.0) / 2)
+    assert math.isnan(recall_at_k(frame([]), top, 3))
+
+
+def test_top_k_ranks_all_items_and_skips_trained_pairs(tiny_encoder):
+    import torch
+
+    from llmrec.config import ModelConfig
+    from llmrec.encoder import TextCache
+    from llmrec.model import grow, new_checkpoint
+    from llmrec.scoring import Scorer
+
+    checkpoint = new_checkpoint(tiny_encoder, ModelConfig(dim=4), seed=0)
+    grow(checkpoint, ["u"], [f"i{n}" for n in range(6)], seed=0)
+    with torch.no_grad():
+        checkpoint.model.item_bias.weight[1:, 0] = torch.arange(6, dtype=torch.float32)  # i5 best, i0 worst
+        # A zero user vector leaves the item biases alone to decide the order.
+        checkpoint.model.user_id.weight.zero_()
+        checkpoint.model.user_text.weight.zero_()
+        checkpoint.model.item_text.weight[-1].zero_()
+    cache = TextCache(None, tiny_encoder, tiny_encoder.num_layers, 16)
+    items = [f"i{n}" for n in range(6)]
+    scorer = Scorer(checkpoint, ["u"], cache.features([""]), items, cache.features(items))
+    top = scorer.top_k(["u"], 3, exclude=frame([("u", "i5")]))
+    assert list(top["item_id"]) == ["i4", "i3", "i2"]
+    assert list(top["rank"]) == [1, 2, 3]

@@ -1,0 +1,162 @@
+"""End to end: the nightly-retrain flow on small synthetic drops, night after night, under
+a Prefect test harness, with a real MLflow registry and a tiny BERT encoder on disk."""
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from llmrec import registry
+from llmrec.config import Home, NightlyConfig
+from llmrec.data import copy_drop, list_drops, synthetic_drops
+from llmrec.errors import LlmrecError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_encoder):
+    root = tmp_path_factory.mktemp("e2e")
+    encoder_dir = root / "tiny-bert"
+    tiny_encoder.model.save_pretrained(encoder_dir)
+    tiny_encoder.tokenizer.save_pretrained(encoder_dir)
+    drops = root / "drops"
+    synthetic_drops(drops, users=80, items=120, days=7, seed=3)
+    config = NightlyConfig(
+        landing=str(root / "landing"),
+        home=str(root / "home"),
+        model={"encoder": str(encoder_dir), "dim": 16, "max_length": 32},
+        training={"epochs": 6, "lr": 0.01},
+    )
+    (root / "landing").mkdir()
+    return {"root": root, "drops": drops, "tags": list_drops(drops), "config": config}
+
+
+def run_night(world, tags):
+    from flows.nightly import nightly_retrain
+
+    for tag in tags:
+        copy_drop(world["drops"], tag, world["config"].landing)
+    return nightly_retrain(config=world["config"])
+
+
+def versions(config):
+    registry.configure(Home(config.home), config.experiment)
+    return registry.version_history(config.registered_model)
+
+
+def test_nightly_flow_end_to_end(prefect_server, world):
+    config, tags = world["config"], world["tags"]
+
+    # Night 1: three days of history; the first model must beat the global mean.
+    first = run_night(world, tags[:3])
+    assert first["status"] == "registered" and first["version"] == "1"
+    assert first["resumed_from"] is None and first["start_step"] == 0
+    assert first["decision"]["promote"], first["decision"]["reason"]
+    assert first["curate"]["rows_in"] == first["curate"]["rows_curated"] > 0
+    registry.configure(Home(config.home), config.experiment)
+    assert registry.get_alias(config.registered_model, "champion").version == "1"
+
+    # Night 2: resumes from the champion; the step count continues, the vocabularies grow.
+    second = run_night(world, tags[3:4])
+    assert second["resumed_from"] == "1"
+    assert second["start_step"] == first["global_step"] > 0
+    assert second["global_step"] > second["start_step"]
+    assert second["vocab"]["added_items"] > 0
+    assert second["vocab"]["items"] > first["vocab"]["items"]
+    assert second["metrics"]["champion"] is not None
+    assert set(second["metrics"]["challenger"]) == {"held_out", "anchor"}
+
+    # Same files again: nothing ingested, nothing registered.
+    count = len(versions(config))
+    again = run_night(world, [])
+    assert again["status"] == "skipped" and "No new rows" in again["note"]
+    assert again["ingest"]["new_files"] == 0 and again["ingest"]["already_ingested"] > 0
+    assert len(versions(config)) == count
+
+    # Night 3: a corrupt file and a file with invalid rows are quarantined; the valid drop trains.
+    landing = world["root"] / "landing"
+    (landing / "events" / "corrupt.parquet").write_bytes(b"\x00garbage, not parquet")
+    bad = pd.read_parquet(landing / "events" / f"events-{tags[0]}.parquet").head(20).copy()
+    bad["rating"] = 7.0
+    bad.to_parquet(landing / "events" / "bad-ratings.parquet", index=False)
+    third = run_night(world, tags[4:5])
+    curate = third["curate"]
+    assert curate["files_quarantined"] == 2
+    assert curate["rows_quarantined"] == 20
+    assert curate["rows_in"] == curate["rows_curated"] + curate["rows_quarantined"]
+    assert curate["rows_curated"] > 0 and third["status"] == "registered"
+    quarantine = Home(config.home).quarantine
+    folders = sorted(p.name for p in quarantine.iterdir())
+    assert any(f.startswith("corrupt.parquet") for f in folders)
+    assert any(f.startswith("bad-ratings.parquet") for f in folders)
+    report = json.loads(next(quarantine.glob("bad-ratings.parquet*/validation.json")).read_text())
+    assert any(f["column"] == "rating" and f["unexpected_count"] == 20 for f in report["failures"])
+    assert (landing / "events" / "corrupt.parquet").exists()  # landing is never touched
+    champion_before = registry.get_alias(config.registered_model, "champion").version
+
+    # Night 4: a drop whose ratings were inverted must not be promoted.
+    tag = tags[5]
+    copy_drop(world["drops"], tag, config.landing)
+    events_file = landing / "events" / f"events-{tag}.parquet"
+    inverted = pd.read_parquet(events_file)
+    inverted["rating"] = 6.0 - inverted["rating"]
+    inverted.to_parquet(landing / "events" / f"inverted-{tag}.parquet", index=False)
+    events_file.unlink()  # only the inverted copy arrives this night
+    fourth = run_night(world, [])
+    assert fourth["status"] == "registered"
+    assert not fourth["decision"]["promote"], fourth["decision"]["reason"]
+    assert registry.get_alias(config.registered_model, "champion").version == champion_before
+    assert registry.get_alias(config.registered_model, "challenger").version == fourth["version"]
+    rejected = MlflowClient().get_model_version(config.registered_model, fourth["version"])
+    assert rejected.tags["decision"] == "rejected"
+    assert any(key.startswith("failed.") for key in rejected.tags)
+    assert "Rejected" in rejected.description and "champion" in rejected.description
+
+    # The champion serves through MLflow's pyfunc, for known and unseen ids alike.
+    model = mlflow.pyfunc.load_model(f"models:/{config.registered_model}@champion")
+    frame = pd.DataFrame({"user_id": ["0", "never-seen"], "item_id": ["0", "never-seen"]})
+    out = model.predict(frame)
+    assert list(out.columns) == ["prediction"] and np.isfinite(out["prediction"]).all()
+
+    # The run left a markdown report and every version keeps its record.
+    history = versions(config)
+    assert list(history["version"]) == [str(v) for v in range(1, int(fourth["version"]) + 1)]
+
+
+def test_changed_landing_file_is_reported(prefect_server, world):
+    landing = world["root"] / "landing"
+    target = landing / "events" / f"events-{world['tags'][3]}.parquet"
+    frame = pd.read_parquet(target)
+    frame.head(5).to_parquet(target, index=False)
+    summary = run_night(world, [])
+    assert [c["file"] for c in summary["ingest"]["changed_after_ingestion"]] == [str(target)]
+    assert summary["status"] == "skipped"
+
+
+def test_fail_on_invalid_stops_the_run(prefect_server, world, tmp_path):
+    from flows.nightly import nightly_retrain
+
+    landing = tmp_path / "landing"
+    copy_drop(world["drops"], world["tags"][0], landing)
+    (landing / "events" / "broken.parquet").write_bytes(b"broken")
+    config = world["config"].model_copy(update={"landing": str(landing), "home": str(tmp_path / "home"),
+                                                "fail_on_invalid": True})
+    with pytest.raises(LlmrecError, match="broken.parquet"):
+        nightly_retrain(config=config)
+    from llmrec import ingest
+
+    manifest = ingest.read_manifest(Home(config.home))
+    assert list(manifest["status"]) == ["quarantined"]
+    assert not Home(config.home).events.exists()
