@@ -12,6 +12,8 @@ from llmrec.config import NightlyConfig
 from llmrec.data import copy_drop, movielens_drops, synthetic_drops
 
 DEMO_SYNTHETIC = dict(users=300, items=400, days=14, seed=0)
+# The first synthetic night lands three days at once: history to bootstrap the first model.
+SYNTHETIC_BOOTSTRAP_DROPS = 3
 
 
 def run_demo(ml100k: Path | None, nights: int, workdir: Path, overrides: dict) -> list[dict]:
@@ -26,14 +28,18 @@ def run_demo(ml100k: Path | None, nights: int, workdir: Path, overrides: dict) -
     if ml100k is not None:
         tags = movielens_drops(ml100k, drops, period="7D", bootstrap_days=28)
         print(f"MovieLens-100k from {ml100k}: {len(tags)} weekly drops after a 4-week bootstrap")
+        nightly_drops = [[tag] for tag in tags]
     else:
         tags = synthetic_drops(drops, **DEMO_SYNTHETIC)
         print(f"synthetic data: {len(tags)} daily drops ({DEMO_SYNTHETIC})")
+        nightly_drops = [tags[:SYNTHETIC_BOOTSTRAP_DROPS]] + [[tag] for tag in tags[SYNTHETIC_BOOTSTRAP_DROPS:]]
     config = NightlyConfig(**merge({"landing": str(landing), "home": str(home)}, overrides))
     rows = []
-    for night, tag in enumerate(tags[: nights + 1], start=1):
-        copy_drop(drops, tag, landing)
-        print(f"\n=== night {night}: drop {tag} ===")
+    for night, night_tags in enumerate(nightly_drops[: nights + 1], start=1):
+        for tag in night_tags:
+            copy_drop(drops, tag, landing)
+        tag = night_tags[-1]
+        print(f"\n=== night {night}: drop {', '.join(night_tags)} ===")
         summary = nightly_retrain(config=config)
         rows.append(table_row(night, tag, summary))
     print("\n" + format_table(rows))

@@ -59,6 +59,13 @@ class TrainingConfig(BaseModel):
     l2: float = Field(
         0.05, ge=0, le=10.0, description="Per-rating L2 penalty on the user and item vectors and biases."
     )
+    ranking_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=100.0,
+        description="Weight of a sampled-softmax ranking term added to the rating loss: each "
+        "positive row (rating >= positive_threshold) must outscore the other items of its batch.",
+    )
     weight_decay: float = Field(1e-4, ge=0, le=1.0, description="AdamW weight decay.")
     loss: Literal["mse", "bce"] = Field(
         "mse", description="mse on ratings, or bce on implicit labels (rating >= positive_threshold)."

@@ -313,7 +313,8 @@ def register_and_gate(config: NightlyConfig, run_name: str, window: Window, cura
         output_example = pd.DataFrame({"prediction": predictor.predict(input_example["user_id"], input_example["item_id"])})
         version = registry.log_model_version(config.registered_model, trained.checkpoint_dir,
                                              str(Path(model_mod.__file__).with_name("pyfunc_model.py")),
-                                             input_example, output_example, PIP_REQUIREMENTS)
+                                             input_example, output_example, PIP_REQUIREMENTS,
+                                             code_paths=[str(Path(model_mod.__file__).parent)])
     summary = window.summary() | {"global_step": trained.global_step, "resumed_from": trained.resumed_from}
     description = registry.describe_version(summary, metrics["challenger"], metrics["champion"], champion.version, decision)
     registry.apply_decision(config.registered_model, version, decision, description)

@@ -106,6 +106,7 @@ def log_model_version(
     input_example: pd.DataFrame,
     output_example: pd.DataFrame,
     pip_requirements: list[str],
+    code_paths: list[str] | None = None,
 ) -> str:
     """Log `checkpoint_dir` as a models-from-code pyfunc (`python_model` is the path of the .py
     file that calls `mlflow.models.set_model`) in the active run, register it as a new version
@@ -119,6 +120,7 @@ def log_model_version(
         signature=infer_signature(input_example, output_example),
         input_example=input_example,
         pip_requirements=pip_requirements,
+        code_paths=code_paths,
     )
     return str(mlflow.register_model(info.model_uri, name).version)
 

@@ -117,6 +117,19 @@ def train(
             else:
                 loss = nn.functional.mse_loss(score, target)
             fit_loss = loss
+            if config.ranking_weight:
+                import os as _os
+                extra = int(_os.environ.get("LLMREC_RANK_NEG", "0"))
+                if extra:
+                    neg = torch.randint(1, len(item_features), (extra,), generator=generator)
+                    neg_vec, neg_bias = model.side(neg.to(device), model.encode(to_device(item_features.take(neg), device)), user=False)
+                    cand_vec, cand_bias = torch.cat([item_vec, neg_vec]), torch.cat([item_bias, neg_bias])
+                else:
+                    cand_vec, cand_bias = item_vec, item_bias
+                logits = float(_os.environ.get("LLMREC_RANK_SCALE", "1")) * (user_vec[user_pos.to(device)] @ cand_vec.T + cand_bias[None, :]).float()
+                positive = torch.ones_like(target, dtype=torch.bool) if _os.environ.get("LLMREC_RANK_ALL") else targets[batch].to(device) >= (0.5 if config.loss == "bce" else config.positive_threshold)
+                if bool(positive.any()):
+                    loss = loss + config.ranking_weight * nn.functional.cross_entropy(logits[positive], item_pos.to(device)[positive])
             if config.l2:
                 # Per-rating L2 on the vectors and biases used, as in biased matrix factorisation:
                 # without it the id embeddings of users with few ratings overfit within an epoch.
