@@ -42,18 +42,22 @@ bench: install
 bench-quality: install
 	$(PY) benchmarks/quality.py
 
-# Prefect server and MLflow UI on 127.0.0.1, pids in .ui/; `make ui-stop` stops both.
+# Prefect server and MLflow UI on 127.0.0.1, each in its own process group (pids in .ui/),
+# so `make ui-stop` stops them with every child they spawned.
 ui: install
-	mkdir -p $(UI_DIR)
-	PREFECT_HOME=$(UI_DIR)/prefect nohup $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) \
-		--analytics-off > $(UI_DIR)/prefect.log 2>&1 & echo $$! > $(UI_DIR)/prefect.pid
-	nohup $(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(LLMREC_HOME)/mlflow.db \
-		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 > $(UI_DIR)/mlflow.log 2>&1 & echo $$! > $(UI_DIR)/mlflow.pid
+	mkdir -p $(UI_DIR) $(LLMREC_HOME)
+	PREFECT_HOME=$(UI_DIR)/prefect setsid sh -c 'echo $$$$ > $(UI_DIR)/prefect.pid; exec $(VENV)/bin/prefect server start \
+		--host 127.0.0.1 --port $(PREFECT_PORT) --analytics-off' > $(UI_DIR)/prefect.log 2>&1 < /dev/null &
+	setsid sh -c 'echo $$$$ > $(UI_DIR)/mlflow.pid; exec $(VENV)/bin/mlflow server --backend-store-uri \
+		sqlite:///$(LLMREC_HOME)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1' > $(UI_DIR)/mlflow.log 2>&1 < /dev/null &
+	@for url in http://127.0.0.1:$(PREFECT_PORT)/api/health http://127.0.0.1:$(MLFLOW_PORT)/health; do \
+		for i in $$(seq 120); do curl -sf $$url > /dev/null && break; sleep 1; done; \
+		curl -sf $$url > /dev/null || { echo "not healthy: $$url (see $(UI_DIR)/*.log)"; exit 1; }; done
 	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)   (export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api)"
 	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)    (registry of $(LLMREC_HOME)/mlflow.db)"
 	@echo "Serve the deployments: PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(VENV)/bin/llmrec serve --landing <dir>"
 	@echo "Stop both: make ui-stop"
 
 ui-stop:
-	-for f in $(UI_DIR)/prefect.pid $(UI_DIR)/mlflow.pid; do \
-		test -f $$f && pkill -TERM -P $$(cat $$f); test -f $$f && kill -TERM $$(cat $$f); rm -f $$f; done
+	@for name in prefect mlflow; do f=$(UI_DIR)/$$name.pid; \
+		if [ -f $$f ]; then kill -TERM -$$(cat $$f) 2>/dev/null && echo "stopped $$name"; rm -f $$f; fi; done
