@@ -54,17 +54,21 @@ class TrainingConfig(BaseModel):
 
     epochs: int = Field(3, ge=1, le=100, description="Passes over this night's training rows.")
     batch_size: int = Field(512, ge=1, le=65536, description="Ratings per optimizer step.")
-    lr: float = Field(5e-3, gt=0, le=1.0, description="AdamW learning rate for heads and embeddings.")
+    lr: float = Field(3e-3, gt=0, le=1.0, description="AdamW learning rate for heads and embeddings.")
     encoder_lr: float = Field(2e-5, gt=0, le=1.0, description="AdamW learning rate for trainable encoder layers.")
     l2: float = Field(
-        0.05, ge=0, le=10.0, description="Per-rating L2 penalty on the user and item vectors and biases."
+        0.15, ge=0, le=10.0, description="Per-rating L2 penalty on the user and item vectors and biases."
     )
     ranking_weight: float = Field(
-        0.0,
+        0.5,
         ge=0.0,
         le=100.0,
         description="Weight of a sampled-softmax ranking term added to the rating loss: each "
-        "positive row (rating >= positive_threshold) must outscore the other items of its batch.",
+        "positive row (rating >= positive_threshold) must outscore the other items of its batch "
+        "and `ranking_negatives` random items. The rating loss alone ranks poorly; 0 turns it off.",
+    )
+    ranking_negatives: int = Field(
+        256, ge=0, le=65536, description="Items drawn uniformly from the catalog as extra negatives of the ranking term."
     )
     weight_decay: float = Field(1e-4, ge=0, le=1.0, description="AdamW weight decay.")
     loss: Literal["mse", "bce"] = Field(

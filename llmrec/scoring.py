@@ -71,8 +71,8 @@ class Scorer:
         if exclude is not None and len(exclude):
             position = {u: p for p, u in enumerate(user_ids)}
             pairs = exclude[exclude["user_id"].isin(position) & exclude["item_id"].isin(self.item_index)]
-            excluded_rows = torch.as_tensor(pairs["user_id"].map(position).to_numpy(dtype=np.int64), dtype=torch.long)
-            excluded_cols = torch.as_tensor(pairs["item_id"].map(self.item_index).to_numpy(dtype=np.int64), dtype=torch.long)
+            excluded_rows = torch.as_tensor(pairs["user_id"].map(position).to_numpy(dtype=np.int64, copy=True), dtype=torch.long)
+            excluded_cols = torch.as_tensor(pairs["item_id"].map(self.item_index).to_numpy(dtype=np.int64, copy=True), dtype=torch.long)
         k = min(k, len(self.item_ids))
         out_users, out_items, out_scores = [], [], []
         for start in range(0, len(users), CHUNK):

@@ -118,18 +118,11 @@ def train(
                 loss = nn.functional.mse_loss(score, target)
             fit_loss = loss
             if config.ranking_weight:
-                import os as _os
-                extra = int(_os.environ.get("LLMREC_RANK_NEG", "0"))
-                if extra:
-                    neg = torch.randint(1, len(item_features), (extra,), generator=generator)
-                    neg_vec, neg_bias = model.side(neg.to(device), model.encode(to_device(item_features.take(neg), device)), user=False)
-                    cand_vec, cand_bias = torch.cat([item_vec, neg_vec]), torch.cat([item_bias, neg_bias])
-                else:
-                    cand_vec, cand_bias = item_vec, item_bias
-                logits = float(_os.environ.get("LLMREC_RANK_SCALE", "1")) * (user_vec[user_pos.to(device)] @ cand_vec.T + cand_bias[None, :]).float()
-                positive = torch.ones_like(target, dtype=torch.bool) if _os.environ.get("LLMREC_RANK_ALL") else targets[batch].to(device) >= (0.5 if config.loss == "bce" else config.positive_threshold)
+                positive = targets[batch] >= (0.5 if config.loss == "bce" else config.positive_threshold)
                 if bool(positive.any()):
-                    loss = loss + config.ranking_weight * nn.functional.cross_entropy(logits[positive], item_pos.to(device)[positive])
+                    rank_loss = ranking_loss(model, item_features, user_vec[user_pos.to(device)][positive.to(device)],
+                                             item_vec, item_bias, item_pos[positive].to(device), config, generator, device)
+                    loss = loss + config.ranking_weight * rank_loss
             if config.l2:
                 # Per-rating L2 on the vectors and biases used, as in biased matrix factorisation:
                 # without it the id embeddings of users with few ratings overfit within an epoch.
@@ -155,6 +148,23 @@ def train(
     checkpoint.optimizer_state = export_optimizer_state(checkpoint.model, optimizer)
     checkpoint.loss = config.loss
     return result
+
+
+def ranking_loss(model, item_features: TextFeatures, user_vec: torch.Tensor, item_vec: torch.Tensor,
+                 item_bias: torch.Tensor, target: torch.Tensor, config: TrainingConfig,
+                 generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Sampled softmax: each positive (user, item) row must outscore the other candidates,
+    which are the distinct items of the batch plus `ranking_negatives` items drawn uniformly
+    from the vocabulary. The logit is the served score minus the user's own terms
+    (mu + b_u cancel in a softmax over items), so it trains the very ranking `top_k` uses.
+    Uniform negatives keep popularity in the scores; in-batch ones alone would remove it."""
+    cand_vec, cand_bias = item_vec, item_bias
+    if config.ranking_negatives and len(item_features) > 1:
+        rows = torch.randint(1, len(item_features), (config.ranking_negatives,), generator=generator)
+        neg_vec, neg_bias = model.side(rows.to(device), model.encode(to_device(item_features.take(rows), device)), user=False)
+        cand_vec, cand_bias = torch.cat([item_vec.float(), neg_vec.float()]), torch.cat([item_bias.float(), neg_bias.float()])
+    logits = user_vec.float() @ cand_vec.float().T + cand_bias.float()[None, :]
+    return nn.functional.cross_entropy(logits, target)
 
 
 def to_device(features: TextFeatures, device: torch.device) -> TextFeatures:

@@ -1,0 +1,125 @@
+"""Baselines for the quality benchmark, in the same score form as llmrec
+(mu + b_u + b_i + <p_u, q_i>) so they are ranked and scored by the very same
+`llmrec.scoring.Scorer.top_k` / `llmrec.evaluate.evaluate` code.
+
+    BiasedMF     biased matrix factorisation trained by SGD (Funk / Surprise "SVD"
+                 update rule, vectorised over small mini-batches), resumable: `fit`
+                 called again continues from the current factors (continual updates);
+                 an id never trained on keeps zero factors and zero bias, so its
+                 prediction is the bias-only fallback mu + b_(known side).
+    global mean, item mean, popularity   closed-form, from the rows given.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from llmrec.scoring import Scorer
+
+
+def vector_scorer(mu: float, user_ids: list[str], user_vectors: torch.Tensor, user_bias: torch.Tensor,
+                  item_ids: list[str], item_vectors: torch.Tensor, item_bias: torch.Tensor) -> Scorer:
+    """A `Scorer` over given vectors (no checkpoint): predict/top_k are llmrec's own."""
+    scorer = Scorer.__new__(Scorer)
+    scorer.loss = "mse"
+    scorer.mu = float(mu)
+    scorer.user_ids, scorer.item_ids = list(user_ids), list(item_ids)
+    scorer.user_index = {u: i for i, u in enumerate(scorer.user_ids)}
+    scorer.item_index = {v: i for i, v in enumerate(scorer.item_ids)}
+    scorer.user_vectors, scorer.user_bias = user_vectors.float(), user_bias.float()
+    scorer.item_vectors, scorer.item_bias = item_vectors.float(), item_bias.float()
+    return scorer
+
+
+class BiasedMF:
+    """r_hat = mu + b_u + b_i + <p_u, q_i>, SGD with L2 on every parameter it touches:
+        e = r - r_hat;  b_u += lr (e - reg b_u);  p_u += lr (e q_i - reg p_u)  (and i alike).
+    Updates are applied per mini-batch of `batch` ratings with per-rating step sizes (sums,
+    not means), which for small batches is the classic per-rating SGD, vectorised."""
+
+    def __init__(self, dim: int = 64, lr: float = 0.01, reg: float = 0.05, bias_reg: float | None = None,
+                 epochs: int = 20, batch: int = 64, init_std: float = 0.1, seed: int = 0):
+        self.dim, self.lr, self.reg, self.epochs, self.batch, self.init_std = dim, lr, reg, epochs, batch, init_std
+        self.bias_reg = reg if bias_reg is None else bias_reg
+        self.generator = torch.Generator().manual_seed(seed)
+        self.user_index: dict[str, int] = {}
+        self.item_index: dict[str, int] = {}
+        self.P = torch.zeros(0, dim)
+        self.Q = torch.zeros(0, dim)
+        self.bu = torch.zeros(0)
+        self.bi = torch.zeros(0)
+        self.mu = 0.0
+        self.count = 0
+
+    def _grow(self, index: dict[str, int], ids, table: torch.Tensor, bias: torch.Tensor):
+        new = [i for i in dict.fromkeys(ids) if i not in index]
+        for value in new:
+            index[value] = len(index)
+        if new:
+            fresh = torch.randn(len(new), self.dim, generator=self.generator) * self.init_std
+            table = torch.cat([table, fresh])
+            bias = torch.cat([bias, torch.zeros(len(new))])
+        return table, bias
+
+    def fit(self, rows: pd.DataFrame, epochs: int | None = None) -> "BiasedMF":
+        if rows.empty:
+            return self
+        self.P, self.bu = self._grow(self.user_index, rows["user_id"], self.P, self.bu)
+        self.Q, self.bi = self._grow(self.item_index, rows["item_id"], self.Q, self.bi)
+        ratings = torch.as_tensor(rows["rating"].to_numpy(dtype=np.float32))
+        # mu: running mean of every rating trained on so far.
+        total = self.mu * self.count + float(ratings.sum())
+        self.count += len(ratings)
+        self.mu = total / self.count
+        users = torch.as_tensor(rows["user_id"].map(self.user_index).to_numpy(dtype=np.int64))
+        items = torch.as_tensor(rows["item_id"].map(self.item_index).to_numpy(dtype=np.int64))
+        lr, reg, breg = self.lr, self.reg, self.bias_reg
+        for _ in range(self.epochs if epochs is None else epochs):
+            order = torch.randperm(len(ratings), generator=self.generator)
+            for first in range(0, len(order), self.batch):
+                b = order[first : first + self.batch]
+                u, i, r = users[b], items[b], ratings[b]
+                pu, qi = self.P[u], self.Q[i]
+                e = r - (self.mu + self.bu[u] + self.bi[i] + (pu * qi).sum(1))
+                self.bu.index_add_(0, u, lr * (e - breg * self.bu[u]))
+                self.bi.index_add_(0, i, lr * (e - breg * self.bi[i]))
+                self.P.index_add_(0, u, lr * (e[:, None] * qi - reg * pu))
+                self.Q.index_add_(0, i, lr * (e[:, None] * pu - reg * qi))
+        return self
+
+    def _side(self, ids, index, table, bias):
+        rows = torch.as_tensor([index.get(v, -1) for v in ids], dtype=torch.long)
+        known = rows >= 0
+        vectors = torch.zeros(len(rows), self.dim)
+        biases = torch.zeros(len(rows))
+        vectors[known] = table[rows[known]]
+        biases[known] = bias[rows[known]]
+        return vectors, biases
+
+    def scorer(self, user_ids: list[str], item_ids: list[str]) -> Scorer:
+        uv, ub = self._side(user_ids, self.user_index, self.P, self.bu)
+        iv, ib = self._side(item_ids, self.item_index, self.Q, self.bi)
+        return vector_scorer(self.mu, user_ids, uv, ub, item_ids, iv, ib)
+
+
+def constant_scorer(rows: pd.DataFrame, user_ids: list[str], item_ids: list[str], kind: str) -> Scorer:
+    """global mean (kind='global'), item mean (kind='item': mean rating of the item, the
+    global mean for an item without ratings) or popularity (kind='popularity': ranks by
+    the number of ratings; its rating predictions are meaningless and not reported)."""
+    mu = float(rows["rating"].mean()) if len(rows) else 3.0
+    zeros_u = torch.zeros(len(user_ids), 1)
+    zeros_i = torch.zeros(len(item_ids), 1)
+    if kind == "global":
+        bias = torch.zeros(len(item_ids))
+    elif kind == "item":
+        means = rows.groupby("item_id")["rating"].mean()
+        bias = torch.as_tensor(pd.Series(item_ids).map(means).fillna(mu).to_numpy(dtype=np.float32) - mu)
+    elif kind == "popularity":
+        counts = rows.groupby("item_id").size()
+        bias = torch.as_tensor(np.log1p(pd.Series(item_ids).map(counts).fillna(0).to_numpy(dtype=np.float32)))
+        mu = 0.0
+    else:
+        raise ValueError(kind)
+    return vector_scorer(mu, user_ids, zeros_u, torch.zeros(len(user_ids)), item_ids, zeros_i, bias)
