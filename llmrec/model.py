@@ -33,6 +33,8 @@ from llmrec.encoder import Encoder, TextFeatures, mean_pool, run_layers
 
 UNKNOWN = 0
 FORMAT_VERSION = 1
+# Texts per piece when the trainable top layers run without gradients (scoring).
+INFERENCE_CHUNK = 256
 
 
 class Recommender(nn.Module):
@@ -62,6 +64,11 @@ class Recommender(nn.Module):
     def encode(self, features: TextFeatures) -> torch.Tensor:
         if features.pooled is not None:
             return features.pooled
+        if not torch.is_grad_enabled() and len(features) > INFERENCE_CHUNK:
+            # Scoring a whole catalog: bound the top layers' activations (about 1 GiB for
+            # MovieLens' 1,682 items in one piece), each piece trimmed to its own length.
+            return torch.cat([self.encode(features.take(torch.arange(start, min(start + INFERENCE_CHUNK, len(features)))))
+                              for start in range(0, len(features), INFERENCE_CHUNK)])
         hidden = run_layers(self.top_layers, features.hidden, features.mask)
         return mean_pool(hidden, features.mask)
 

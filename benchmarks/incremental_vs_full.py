@@ -1,0 +1,238 @@
+"""Incremental nightly update vs full retrain, on MovieLens-100k replayed as daily drops
+(issue 3, item 4).
+
+    .venv/bin/python benchmarks/incremental_vs_full.py            # days 40, 80, 120, 160 (~10 min, 2-core CPU)
+    .venv/bin/python benchmarks/incremental_vs_full.py --quick    # days 32, 36
+    .venv/bin/python benchmarks/incremental_vs_full.py --device cuda --quick
+
+Replay: every rating gets an `_ingest_seq` as if each day had landed as one nightly drop
+(the first --bootstrap days are drop 1, then one drop per day). Night after night the
+script does what the flow's fine-tune stage does (llmrec.nightly.train_challenger,
+without MLflow): `llmrec.window.split` cuts the window (tonight's new rows minus the
+anchor and the newest held-out slice, plus replay of older rows), `llmrec.model.load`
+resumes yesterday's checkpoint, `llmrec.train.fit` trains, and the checkpoint is saved
+with its serving vectors (`llmrec.model.save`). Every night's model becomes the next
+night's base (the gate is not applied here).
+
+At each measured day D, after that night's incremental update, a full retrain starts
+from `new_checkpoint` (the pretrained encoder) and trains on all history up to D (minus
+the anchor and tonight's held-out slice, which the incremental model never trained on
+either), with the same TrainingConfig (epochs included). Both are timed the same way:
+window + resume/new checkpoint + fit + serving vectors + save. Not timed, for both:
+loading the encoder (once per process) and encoding texts: the frozen-encoder outputs
+are cached on disk by text hash (as in LLMREC_HOME/cache), warmed before the replay, so
+both read the same cache.
+
+Both models are scored with `llmrec.evaluate.evaluate` on the same rows: the ratings
+of the day after D (extended day by day until at least --min-eval-rows ratings, since
+some days have only a few dozen), candidates = all items minus the pairs rated up to D.
+Peak RSS is the VmHWM of this process during that night's incremental update (encoder,
+data and cache already in memory, as in a nightly run).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from llmrec import model as model_mod  # noqa: E402
+from llmrec.config import EvaluationConfig, ModelConfig, TrainingConfig  # noqa: E402
+from llmrec.encoder import TextCache  # noqa: E402
+from llmrec.evaluate import evaluate  # noqa: E402
+from llmrec.nightly import build_scorer  # noqa: E402
+from llmrec.train import fit  # noqa: E402
+from llmrec.window import split, without  # noqa: E402
+
+RATIO_TARGET = 0.10
+RMSE_TARGET = 0.01
+
+
+def daily_drops(events: pd.DataFrame, bootstrap_days: int) -> pd.DataFrame:
+    """`_ingest_seq` 1 for the first `bootstrap_days` days, then one per day (2, 3, ...);
+    `_day` = days since the first rating."""
+    days = events["timestamp"].dt.floor("D")
+    day = (days - days.min()).dt.days.to_numpy()
+    seq = np.where(day < bootstrap_days, 1, day - bootstrap_days + 2)
+    return events.assign(_day=day, _ingest_seq=seq.astype(np.int64))
+
+
+def nightly_update(events: pd.DataFrame, seq: int, state: dict, encoder, cache: TextCache, data: common.Data,
+                   model_config: ModelConfig, training: TrainingConfig, evaluation: EvaluationConfig,
+                   folder: Path):
+    """One night of the flow's fine-tune stage: window, resume (or start), fit, save."""
+    known = events[events["_ingest_seq"] <= seq]
+    window = split(known, state["watermark"], state["anchor"], training, evaluation)
+    if state["anchor"] is None:
+        state["anchor"] = window.anchor
+    if window.train.empty:
+        return window, None
+    if state["checkpoint_dir"] is None:
+        checkpoint = model_mod.new_checkpoint(encoder, model_config, training.seed)
+    else:
+        checkpoint = model_mod.load(state["checkpoint_dir"], encoder)
+    fit(checkpoint, cache, window.train, data.user_texts, data.item_texts, training)
+    checkpoint.ingest_watermark = seq
+    scorer = build_scorer(checkpoint, cache, data.user_texts, data.item_texts)
+    tensors, ids = scorer.vectors()
+    state["checkpoint_dir"] = model_mod.save(checkpoint, folder, tensors, ids)
+    state["watermark"] = seq
+    return window, checkpoint
+
+
+def full_retrain(events: pd.DataFrame, seq: int, window, anchor: pd.DataFrame, encoder, cache: TextCache,
+                 data: common.Data, model_config: ModelConfig, training: TrainingConfig, folder: Path):
+    rows = without(without(events[events["_ingest_seq"] <= seq], anchor), window.held_out)
+    checkpoint = model_mod.new_checkpoint(encoder, model_config, training.seed)
+    fit(checkpoint, cache, rows, data.user_texts, data.item_texts, training)
+    checkpoint.ingest_watermark = seq
+    scorer = build_scorer(checkpoint, cache, data.user_texts, data.item_texts)
+    tensors, ids = scorer.vectors()
+    model_mod.save(checkpoint, folder, tensors, ids)
+    return rows, checkpoint
+
+
+def next_rows(events: pd.DataFrame, day: int, minimum: int) -> tuple[pd.DataFrame, list[int]]:
+    later = events[events["_day"] > day]
+    days = sorted(later["_day"].unique())
+    taken = []
+    for d in days:
+        taken.append(int(d))
+        if (later["_day"].isin(taken)).sum() >= minimum:
+            break
+    return later[later["_day"].isin(taken)].reset_index(drop=True), taken
+
+
+def scored(checkpoint, cache, data: common.Data, rows: pd.DataFrame, trained_pairs: pd.DataFrame,
+           evaluation: EvaluationConfig) -> dict:
+    scorer = build_scorer(checkpoint, cache, data.user_texts, data.item_texts, rows)
+    return evaluate(scorer, rows, trained_pairs, evaluation.k, evaluation.relevant_rating)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--days", help="comma-separated days (since the first rating) to measure at "
+                   "(default 40,80,120,160; --quick: 32,36)")
+    p.add_argument("--bootstrap", type=int, default=28, help="days in the first drop")
+    p.add_argument("--trainable-layers", type=int, default=ModelConfig().trainable_layers)
+    p.add_argument("--epochs", type=int, default=TrainingConfig().epochs, help="epochs of every night and retrain")
+    p.add_argument("--min-eval-rows", type=int, default=200, help="extend the next-day rows to at least this many")
+    p.add_argument("--set", action="append", default=[], metavar="training.FIELD=VALUE",
+                   help="override a TrainingConfig field for both, e.g. --set training.replay_fraction=2")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+    common.quiet_logs()
+    device = common.check_device(args.device)
+    days = [int(x) for x in (args.days or ("32,36" if args.quick else "40,80,120,160")).split(",")]
+    info = common.print_machine(device)
+
+    data = common.load_data(args.data, args.rows)
+    events = daily_drops(data.events, args.bootstrap)
+    days = [d for d in days if d >= args.bootstrap and (events["_day"] > d).any()]
+    if not days:
+        raise SystemExit("no measurable day: each must be >= --bootstrap and have ratings after it")
+    model_config = ModelConfig(trainable_layers=args.trainable_layers)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if not key.startswith("training.") or not value:
+            raise SystemExit(f"--set {item!r}: expected training.FIELD=VALUE")
+        overrides[key.removeprefix("training.")] = value
+    training = TrainingConfig(**{"epochs": args.epochs, "seed": args.seed, "device": device, **overrides})
+    evaluation = EvaluationConfig()
+
+    common.reset_peak_rss()
+    encoder = common.load_encoder(args.encoder)  # once, not timed
+    cache = TextCache(args.cache, encoder, encoder.num_layers - model_config.trainable_layers, model_config.max_length)
+    start = time.perf_counter()
+    cache.features(list(data.user_texts.values()))
+    cache.features(list(data.item_texts.values()))
+    print(f"text cache warmed in {time.perf_counter() - start:.1f} s ({cache.folder}); not timed below", flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="llmrec-incr-"))
+    state = {"watermark": 0, "anchor": None, "checkpoint_dir": None}
+    rows_out = []
+    replay_start = time.perf_counter()
+    try:
+        last_seq = int(events.loc[events["_day"] <= max(days), "_ingest_seq"].max())
+        measure_seq = {int(events.loc[events["_day"] <= d, "_ingest_seq"].max()): d for d in days}
+        for seq in range(1, last_seq + 1):
+            if not (events["_ingest_seq"] == seq).any():
+                continue  # a day without ratings: no drop, no run
+            measuring = seq in measure_seq
+            common.reset_peak_rss()
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            common.sync(device)
+            t0 = time.perf_counter()
+            window, checkpoint = nightly_update(events, seq, state, encoder, cache, data, model_config, training,
+                                                evaluation, work / f"night-{seq}")
+            common.sync(device)
+            incremental_s = time.perf_counter() - t0
+            night_peak = common.peak_rss()
+            cuda_peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+            if not measuring or checkpoint is None:
+                continue
+            day = measure_seq[seq]
+            common.sync(device)
+            t0 = time.perf_counter()
+            full_rows, full_checkpoint = full_retrain(events, seq, window, state["anchor"], encoder, cache, data,
+                                                      model_config, training, work / f"full-{seq}")
+            common.sync(device)
+            full_s = time.perf_counter() - t0
+            eval_rows, eval_days = next_rows(events, day, args.min_eval_rows)
+            trained_pairs = events.loc[events["_ingest_seq"] <= seq, ["user_id", "item_id"]]
+            inc = scored(checkpoint, cache, data, eval_rows, trained_pairs, evaluation)
+            full = scored(full_checkpoint, cache, data, eval_rows, trained_pairs, evaluation)
+            k = evaluation.k
+            row = {
+                "day": day, "history rows": int((events["_ingest_seq"] <= seq).sum()),
+                "new rows": window.new_rows, "incr. train rows": len(window.train),
+                "incr. s": incremental_s, "full train rows": len(full_rows), "full s": full_s,
+                "incr./full %": incremental_s / full_s,
+                "eval rows (days)": f"{len(eval_rows)} ({eval_days[0]}-{eval_days[-1]})",
+                "incr. RMSE": inc["rmse"], "full RMSE": full["rmse"],
+                "RMSE diff %": (inc["rmse"] - full["rmse"]) / full["rmse"],
+                f"incr. recall@{k}": inc[f"recall_at_{k}"], f"full recall@{k}": full[f"recall_at_{k}"],
+                "night peak RSS GiB": night_peak / 2**30,
+            }
+            if device == "cuda":
+                row["night peak CUDA GiB"] = cuda_peak / 2**30
+            rows_out.append(row)
+            print(f"day {day}: incremental {incremental_s:.2f} s vs full {full_s:.2f} s; "
+                  f"RMSE {inc['rmse']:.4f} vs {full['rmse']:.4f}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nReplay of {last_seq} nightly drops took {time.perf_counter() - replay_start:.0f} s in all; "
+          f"trainable_layers={args.trainable_layers}, device={device}, training: "
+          + ", ".join(f"{k}={v}" for k, v in training.model_dump().items() if k != "device"))
+    print(common.markdown_table(rows_out), flush=True)
+    time_ok = all(r["incr. s"] <= RATIO_TARGET * r["full s"] for r in rows_out)
+    rmse_ok = all(r["RMSE diff %"] <= RMSE_TARGET for r in rows_out)
+    process_peak = common.process_peak_rss()
+    print(f"\ntargets: incremental <= {RATIO_TARGET:.0%} of full: {'met' if time_ok else 'NOT met'}; "
+          f"RMSE within {RMSE_TARGET:.0%} (or better): {'met' if rmse_ok else 'NOT met'}")
+    print(f"peak RSS of a nightly update: {common.gib(max(r['night peak RSS GiB'] for r in rows_out) * 2**30)}; "
+          f"of this whole process (replay + full retrains): {common.gib(process_peak)}; target < 4 GiB: "
+          f"{'met' if process_peak < 4 * 2**30 else 'NOT met'}")
+    result = {"machine": info, "device": device, "rows": rows_out, "time_target_met": time_ok,
+              "rmse_target_met": rmse_ok, "process_peak_rss": process_peak, "command": " ".join(sys.argv)}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+if __name__ == "__main__":
+    main()
