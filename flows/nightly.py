@@ -21,7 +21,11 @@ from tasks import nightly as t  # noqa: E402
 def nightly_retrain(config: NightlyConfig = NightlyConfig()) -> dict:
     """Ingest tonight's landing files, fine-tune the champion on them, and promote the
     challenger only if no gated metric regressed."""
-    run_name = nightly.new_run_name()
+    with nightly.exclusive(config):
+        return run_stages(config, nightly.new_run_name())
+
+
+def run_stages(config: NightlyConfig, run_name: str) -> dict:
     batch = t.ingest(config)
     curated = t.validate(config, batch)
     if curated.rows_curated == 0:

@@ -17,10 +17,11 @@ def deployments(config: NightlyConfig, cron: str, timezone: str):
     parameters = {"config": config.model_dump()}
     nightly = nightly_retrain.to_deployment(
         name="nightly", schedules=[Cron(cron, timezone=timezone)], parameters=parameters, tags=["llmrec", "nightly"],
+        concurrency_limit=1,
         description="Every night: ingest, validate, fine-tune from the champion, evaluate, register, gate.",
     )
     manual = nightly_retrain.to_deployment(
-        name="manual", parameters=parameters, tags=["llmrec", "manual"],
+        name="manual", parameters=parameters, tags=["llmrec", "manual"], concurrency_limit=1,
         description="Run the nightly pipeline now, with parameters edited in the form.",
     )
     return nightly, manual

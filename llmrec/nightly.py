@@ -6,8 +6,10 @@ flow in `flows/nightly.py` chains them; each is usable and testable without Pref
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +35,25 @@ from llmrec.window import Window, split, without
 log = logging.getLogger(__name__)
 
 PIP_REQUIREMENTS = ["numpy", "pandas", "safetensors", "torch", "mlflow"]
+
+
+@contextmanager
+def exclusive(config: NightlyConfig):
+    """One nightly run per LLMREC_HOME at a time: two runs on the same state would both
+    ingest the same files and race on the champion alias."""
+    home = Home(config.home).ensure()
+    with open(home.root / ".nightly.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            raise LlmrecError(
+                f"another nightly run is using home={str(home.root)!r} (lock {home.root / '.nightly.lock'}); "
+                "wait for it to finish"
+            ) from error
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass

@@ -117,3 +117,16 @@ def test_corrupt_file_is_read_as_an_error_not_an_exception(tmp_path):
     read = ingest.read_landing_file(fs, files[0])
     assert read.frame is None and "Parquet" in read.error
     assert read.checksum == ingest.sha256(b"not parquet at all")
+
+
+def test_only_one_nightly_run_per_home(tmp_path):
+    from llmrec.config import NightlyConfig
+    from llmrec.nightly import exclusive
+
+    config = NightlyConfig(landing=str(tmp_path), home=str(tmp_path / "home"))
+    with exclusive(config):
+        with pytest.raises(LlmrecError, match="another nightly run"):
+            with exclusive(config):
+                pass
+    with exclusive(config):  # released after the first run ends
+        pass

@@ -71,15 +71,21 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 params = {{"config": {{"landing": {str(landing)!r}, "home": {str(tmp_path / "home")!r},
           "model": {{"encoder": {str(encoder_dir)!r}, "dim": 8}}, "training": {{"epochs": 2}}}}}}
-for attempt in range(60):
-    try:
-        run = run_deployment("nightly-retrain/manual", parameters=params, timeout=240)
-        break
-    except Exception as error:  # the serve process may still be registering the deployment
-        import time; time.sleep(1)
+from prefect.client.schemas.filters import ArtifactFilterFlowRunId
+async def registered():
+    # The serve process registers its deployments a few seconds after it starts.
+    async with get_client() as client:
+        for attempt in range(240):
+            try:
+                return await client.read_deployment_by_name("nightly-retrain/manual")
+            except Exception:
+                await asyncio.sleep(0.5)
+asyncio.run(registered())
+run = run_deployment("nightly-retrain/manual", parameters=params, timeout=300)
 async def read():
     async with get_client() as client:
-        report = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["nightly-report"])))
+        report = await client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["nightly-report"]), flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
         nightly = await client.read_deployment_by_name("nightly-retrain/nightly")
         return report, nightly
 report, nightly = asyncio.run(read())
