@@ -1,5 +1,5 @@
-"""benchmarks/quality.py runs end to end (in its --smoke mode: two weekly steps, one small
-fold) on the real MovieLens-100k and writes well-formed output: the tables, finite numbers,
+"""benchmarks/quality.py runs end to end (its --quick mode: six weekly steps and fold u1; then
+--smoke, to check a rerun replaces its section) on the real MovieLens-100k and writes well-formed output: the tables, finite numbers,
 the plots and its section of the benchmarks page. No assertion on the targets."""
 
 import json
@@ -19,12 +19,12 @@ DATA = Path(os.environ.get("ML100K_DIR") or ROOT.parent / "shared/data/movielens
 
 
 @pytest.mark.skipif(not (DATA / "u.data").exists(), reason=f"MovieLens-100k not found at {DATA}")
-def test_quality_benchmark_smoke(tmp_path):
+def test_quality_benchmark_quick(tmp_path):
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\n## Training throughput\n\nkept as is\n")
     img = tmp_path / "img"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/quality.py"), "--smoke", "--data", str(DATA),
+        [sys.executable, str(ROOT / "benchmarks/quality.py"), "--quick", "--data", str(DATA),
          "--docs", str(docs), "--img", str(img)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
@@ -49,7 +49,7 @@ def test_quality_benchmark_smoke(tmp_path):
 
     result = json.loads((img / "quality_results.json").read_text())
     steps = result["continual"]["per_step"]["llmrec (replay)"]
-    assert len(steps) == 2 and all(math.isfinite(s["rmse"]) and 0 < s["rmse"] < 3 for s in steps)
+    assert len(steps) == 6 and all(math.isfinite(s["rmse"]) and 0 < s["rmse"] < 3 for s in steps)
     assert all(0 <= s["recall_at_10"] <= 1 for s in steps)
     for name in ("llmrec (replay)", "llmrec (no replay)", "biased MF"):
         forgetting = result["continual"]["forgetting"][name]
@@ -63,7 +63,7 @@ def test_quality_benchmark_smoke(tmp_path):
     assert "## Training throughput\n\nkept as is" in page
     assert page.count("## Recommendation quality") == 1
     assert re.search(r"Measured \d{4}-\d\d-\d\d", page)
-    assert "benchmarks/quality.py --smoke" in page
+    assert "benchmarks/quality.py --quick" in page
 
     # A second run replaces the section rather than appending another one.
     run = subprocess.run(
