@@ -35,7 +35,14 @@ def configure(home: Home, experiment: str) -> str:
     uri = home.mlflow_uri()
     if uri.startswith("sqlite:"):
         home.ensure()
+    user_uri = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI; undo that, or the next configure in
+    # this process (or any child process) would take this home's store for the user's choice.
+    if user_uri is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user_uri
     # A server assigns its own (proxied) artifact root; only a local store needs a folder.
     if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(experiment) is None:
         try:

@@ -225,3 +225,15 @@ def test_describe_first_version_without_champion():
     text = describe_version({}, challenger, None, None, decision)
     assert "| rmse | 0.95 |  |  | pass |" in text
     assert text.startswith("Promoted") and "**Promoted, aliased `champion`.**" in text
+
+
+def test_configure_does_not_leak_one_home_into_the_next(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    previous_uri = mlflow.get_tracking_uri()
+    try:
+        configure(Home(tmp_path / "a"), "one")
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+        assert configure(Home(tmp_path / "b"), "two") == f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
