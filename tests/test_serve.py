@@ -48,7 +48,8 @@ def stop(process: subprocess.Popen) -> None:
 def test_served_manual_deployment_runs_from_a_form_submission(tmp_path, tiny_encoder):
     port = free_port()
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+               PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
     encoder_dir = tmp_path / "tiny-bert"
     tiny_encoder.model.save_pretrained(encoder_dir)
     tiny_encoder.tokenizer.save_pretrained(encoder_dir)
