@@ -128,6 +128,24 @@ def test_trainable_top_layer_is_fine_tuned_and_bottom_is_not(tiny_encoder):
     assert any(name.startswith("top_layers.") for name in checkpoint.optimizer_state)
 
 
+def test_length_bucketed_encoding_matches_one_padded_pass(tiny_encoder):
+    """More texts than one piece: sorted into length buckets, then put back in order."""
+    from llmrec.encoder import mean_pool, run_layers
+    from llmrec.model import PIECE_CPU
+
+    checkpoint = new_checkpoint(tiny_encoder, ModelConfig(dim=8, trainable_layers=1), seed=0)
+    cache = TextCache(None, tiny_encoder, tiny_encoder.num_layers - 1, 32)
+    texts = [("word " * (1 + i % 13)).strip() + f" {i}" for i in range(PIECE_CPU * 2 + 37)]
+    features = cache.features(texts)
+    model = checkpoint.model
+    bucketed = model.encode(features)
+    whole = mean_pool(run_layers(model.top_layers, features.hidden, features.mask), features.mask)
+    assert bucketed.shape == whole.shape
+    torch.testing.assert_close(bucketed, whole, atol=1e-5, rtol=1e-4)
+    bucketed.sum().backward()
+    assert model.top_layers[0].attention.self.query.weight.grad is not None
+
+
 def test_text_cache_persists_and_is_reused(tiny_encoder, tmp_path, monkeypatch):
     cache = TextCache(tmp_path, tiny_encoder, 1, 32)
     first = cache.features(["a red film", "a blue film"])
