@@ -47,6 +47,24 @@ class ModelConfig(BaseModel):
         "outputs cached across steps and nights. 0 trains the heads over cached encoder "
         "outputs only (fastest on CPU).",
     )
+    lora_rank: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="0 fine-tunes every weight of the trainable top layers; above 0, their "
+        "weights stay frozen and LoRA adapters of this rank on every linear map are trained "
+        "instead (peft). Needs trainable_layers >= 1.",
+    )
+    lora_alpha: float = Field(16.0, gt=0, le=1024.0, description="LoRA scaling numerator (the update is alpha/rank * BA).")
+
+    @model_validator(mode="after")
+    def _lora_needs_layers(self):
+        if self.lora_rank and not self.trainable_layers:
+            raise ValueError(
+                f"model.lora_rank={self.lora_rank} adapts the trainable top layers, but "
+                "model.trainable_layers=0; set model.trainable_layers >= 1 or model.lora_rank=0"
+            )
+        return self
 
 
 class TrainingConfig(BaseModel):
@@ -56,6 +74,9 @@ class TrainingConfig(BaseModel):
     batch_size: int = Field(512, ge=1, le=65536, description="Ratings per optimizer step.")
     lr: float = Field(3e-3, gt=0, le=1.0, description="AdamW learning rate for heads and embeddings.")
     encoder_lr: float = Field(2e-5, gt=0, le=1.0, description="AdamW learning rate for trainable encoder layers.")
+    lora_lr: float = Field(
+        5e-4, gt=0, le=1.0, description="AdamW learning rate for LoRA adapters (model.lora_rank > 0), used instead of encoder_lr."
+    )
     l2: float = Field(
         0.15, ge=0, le=10.0, description="Per-rating L2 penalty on the user and item vectors and biases."
     )
@@ -81,6 +102,15 @@ class TrainingConfig(BaseModel):
         le=10.0,
         description="Older rows replayed, as a fraction of this night's new training rows, "
         "so the model keeps what it learned.",
+    )
+    resume_shared_lr_scale: float = Field(
+        0.03,
+        gt=0.0,
+        le=1.0,
+        description="When a night resumes a trained model, the weights shared by all users and "
+        "items (mu, the text projections, trainable encoder layers) learn at this multiple of their "
+        "learning rate; per-user and per-item embeddings keep the full rate. Small nights otherwise "
+        "pull the shared weights towards their few users, and new users inherit that pull.",
     )
     seed: int = Field(0, description="Seed for sampling, initialisation and shuffling.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA with bf16 autocast when available.")

@@ -130,7 +130,8 @@ class Checkpoint:
     history: list[dict] = field(default_factory=list)
 
 
-def top_layers_of(encoder: Encoder, trainable_layers: int) -> nn.ModuleList:
+def top_layers_of(encoder: Encoder, config: ModelConfig) -> nn.ModuleList:
+    trainable_layers = config.trainable_layers
     if trainable_layers > encoder.num_layers:
         from llmrec.errors import LlmrecError
 
@@ -140,12 +141,19 @@ def top_layers_of(encoder: Encoder, trainable_layers: int) -> nn.ModuleList:
     layers = nn.ModuleList(copy.deepcopy(layer) for layer in encoder.layers[encoder.num_layers - trainable_layers :])
     for parameter in layers.parameters():
         parameter.requires_grad_(True)
+    if config.lora_rank and trainable_layers:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        # Freezes the copied weights and trains only the adapters; "all-linear" finds the
+        # attention and feed-forward maps whatever the architecture names them.
+        inject_adapter_in_model(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                                           target_modules="all-linear"), layers)
     return layers
 
 
 def new_checkpoint(encoder: Encoder, config: ModelConfig, seed: int) -> Checkpoint:
     torch.manual_seed(seed)
-    model = Recommender(encoder.hidden_size, config.dim, 1, 1, top_layers_of(encoder, config.trainable_layers))
+    model = Recommender(encoder.hidden_size, config.dim, 1, 1, top_layers_of(encoder, config))
     return Checkpoint(model=model, config=config, encoder_identity=encoder.identity, users=Vocab(), items=Vocab())
 
 
@@ -241,7 +249,7 @@ def load(folder: Path, encoder: Encoder) -> Checkpoint:
         )
     config = ModelConfig(**meta["model_config"])
     users, items = Vocab(list(meta["user_ids"])), Vocab(list(meta["item_ids"]))
-    model = Recommender(encoder.hidden_size, config.dim, len(users), len(items), top_layers_of(encoder, config.trainable_layers))
+    model = Recommender(encoder.hidden_size, config.dim, len(users), len(items), top_layers_of(encoder, config))
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     optimizer_state: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in load_file(str(folder / "optimizer.safetensors")).items():

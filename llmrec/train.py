@@ -43,14 +43,26 @@ class TrainResult:
         return self.ratings / self.seconds if self.seconds else math.nan
 
 
+ID_TABLES = ("user_id", "item_id", "user_bias", "item_bias")
+
+
 def make_optimizer(checkpoint: Checkpoint, config: TrainingConfig, device: torch.device) -> torch.optim.AdamW:
+    """Three groups: the per-id tables, the shared weights (mu, text projections) and the
+    trainable encoder weights. Resuming a trained model, the shared weights and the encoder
+    learn at `resume_shared_lr_scale` x their rate: they were fit on all history, and at full
+    rate a small night pulls them towards its few users, which new users then inherit."""
     model = checkpoint.model
+    scale = config.resume_shared_lr_scale if checkpoint.global_step > 0 else 1.0
     encoder_params = [p for p in model.top_layers.parameters() if p.requires_grad]
     encoder_ids = {id(p) for p in encoder_params}
-    head_params = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_ids]
-    groups = [{"params": head_params, "lr": config.lr}]
+    id_params, shared_params = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in encoder_ids:
+            (id_params if name.split(".")[0] in ID_TABLES else shared_params).append(p)
+    groups = [{"params": id_params, "lr": config.lr}, {"params": shared_params, "lr": config.lr * scale}]
     if encoder_params:
-        groups.append({"params": encoder_params, "lr": config.encoder_lr})
+        encoder_lr = config.lora_lr if checkpoint.config.lora_rank else config.encoder_lr
+        groups.append({"params": encoder_params, "lr": encoder_lr * scale})
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=device.type == "cuda")
     # Moments are stored by parameter name, so they survive vocabulary growth and reordering.
     by_name = dict(model.named_parameters())

@@ -30,9 +30,10 @@ def toy(n_users=40, n_items=60, n=3000, seed=0):
     return frame, user_texts, item_texts
 
 
-def trained(tiny_encoder, trainable_layers=0, epochs=4, **kw):
+def trained(tiny_encoder, trainable_layers=0, epochs=4, lora_rank=0, **kw):
     frame, user_texts, item_texts = toy(**kw)
-    checkpoint = new_checkpoint(tiny_encoder, ModelConfig(dim=8, trainable_layers=trainable_layers), seed=0)
+    checkpoint = new_checkpoint(tiny_encoder, ModelConfig(dim=8, trainable_layers=trainable_layers, lora_rank=lora_rank),
+                                seed=0)
     cache = TextCache(None, tiny_encoder, tiny_encoder.num_layers - trainable_layers, 32)
     result, _ = fit(checkpoint, cache, frame, user_texts, item_texts, TrainingConfig(epochs=epochs, lr=0.02, batch_size=256))
     return checkpoint, cache, result, (frame, user_texts, item_texts)
@@ -126,6 +127,50 @@ def test_trainable_top_layer_is_fine_tuned_and_bottom_is_not(tiny_encoder):
     assert torch.equal(tiny_encoder.layers[0].attention.self.query.weight, before_bottom)
     assert torch.equal(tiny_encoder.layers[-1].attention.self.query.weight, before_top)
     assert any(name.startswith("top_layers.") for name in checkpoint.optimizer_state)
+
+
+def test_lora_trains_adapters_only_and_resumes(tiny_encoder, tmp_path):
+    before = tiny_encoder.layers[-1].attention.self.query.weight.detach().clone()
+    checkpoint, cache, result, (frame, user_texts, item_texts) = trained(tiny_encoder, trainable_layers=1,
+                                                                          epochs=2, lora_rank=4)
+    layer = checkpoint.model.top_layers[0]
+    assert torch.equal(layer.attention.self.query.base_layer.weight, before)
+    assert not layer.attention.self.query.base_layer.weight.requires_grad
+    adapted = layer.attention.self.query.lora_B["default"].weight
+    assert adapted.requires_grad and adapted.abs().sum() > 0  # B starts at zero, so training moved it
+    moments = [name for name in checkpoint.optimizer_state if name.startswith("top_layers.")]
+    assert moments and all("lora_" in name for name in moments)
+    folder = save(checkpoint, tmp_path / "ck")
+    loaded = load(folder, tiny_encoder)
+    for name, value in checkpoint.model.state_dict().items():
+        assert torch.equal(value, loaded.model.state_dict()[name]), name
+    users, items = frame["user_id"].head(20).tolist(), frame["item_id"].head(20).tolist()
+    np.testing.assert_allclose(scorer_for(loaded, cache, user_texts, item_texts).predict(users, items),
+                               scorer_for(checkpoint, cache, user_texts, item_texts).predict(users, items),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_lora_without_trainable_layers_is_refused():
+    with pytest.raises(ValueError, match="model.trainable_layers=0"):
+        ModelConfig(lora_rank=8)
+
+
+def test_resuming_moves_shared_weights_at_a_fraction_of_the_rate(tiny_encoder):
+    import copy
+
+    checkpoint, cache, _, (frame, user_texts, item_texts) = trained(tiny_encoder, epochs=2)
+    night = frame.head(200)
+    moved = {}
+    for scale in (1.0, 0.03):
+        resumed = copy.deepcopy(checkpoint)
+        before = {k: v.clone() for k, v in resumed.model.state_dict().items()}
+        fit(resumed, cache, night, user_texts, item_texts,
+            TrainingConfig(epochs=2, lr=0.02, batch_size=64, resume_shared_lr_scale=scale))
+        after = resumed.model.state_dict()
+        moved[scale] = {k: float((after[k] - before[k]).abs().max()) for k in ("user_text.weight", "user_id.weight")}
+    assert moved[0.03]["user_text.weight"] < 0.1 * moved[1.0]["user_text.weight"]
+    # Per-id embeddings learn at the full rate either way.
+    assert moved[0.03]["user_id.weight"] > 0.5 * moved[1.0]["user_id.weight"]
 
 
 def test_length_bucketed_encoding_matches_one_padded_pass(tiny_encoder):
