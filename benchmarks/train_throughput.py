@@ -13,17 +13,19 @@ rating (its last layer starts at zero and its bias at the mean rating); MSE; Ada
 is the cheaper of the two textbook variants (one pass over the pair, not one pass per
 user text and one per item text), so the ratio is conservative.
 
-llmrec: `llmrec.train.fit` with `TrainingConfig(epochs=1, batch_size=<same>)` and
-`ModelConfig(trainable_layers=<0|1>)`, i.e. the training step exactly as the nightly flow
+llmrec: `llmrec.train.fit` with `TrainingConfig(epochs=1, batch_size=<same>,
+resume_shared_lr_scale=1)` (the chunks are one training run, not nights) and
+`ModelConfig(trainable_layers=<0|1>, lora_rank=<0|8>)`, i.e. the training step exactly as the nightly flow
 runs it, on the same rows in the same chunks. The two alternate chunk by chunk (naive,
-llmrec tl=0, llmrec tl=1, naive, ...), so a noisy machine slows all of them alike.
+llmrec tl=0, llmrec tl=1, llmrec tl=1 LoRA, naive, ...), so a noisy machine slows all
+of them alike.
 
 Both use the same batch size (ratings per optimizer step; the naive loop accumulates
 gradients over micro-batches of --micro-batch ratings, which is the same step) and
-the same learning rates (llmrec's defaults: 5e-3 heads, 2e-5 encoder); both start the
+the same learning rates (llmrec's defaults: 3e-3 heads, 2e-5 encoder); both start the
 output bias at the mean rating of the first chunk.
 
-Reported per trainable_layers:
+Reported per variant (--layers):
 - step r/s: ratings / seconds in llmrec's training loop (`TrainResult.seconds`), i.e.
   with the frozen-layer text cache warm, as in a nightly run after the first;
 - fit r/s (cold cache): ratings / wall seconds of the `fit` calls on a fresh in-memory
@@ -159,12 +161,13 @@ class Naive:
 class Llmrec:
     """llmrec's checkpoint + a fresh in-memory text cache; trains through `fit` only."""
 
-    def __init__(self, encoder, trainable_layers: int, config: TrainingConfig, data: common.Data,
+    def __init__(self, encoder, model_config: ModelConfig, config: TrainingConfig, data: common.Data,
                  bottom: common.FlopCounter, seed: int):
         self.encoder, self.config, self.data, self.bottom = encoder, config, data, bottom
-        self.model_config = ModelConfig(trainable_layers=trainable_layers)
+        self.model_config = model_config
         self.checkpoint = new_checkpoint(encoder, self.model_config, seed)
-        self.cache = TextCache(None, encoder, encoder.num_layers - trainable_layers, self.model_config.max_length)
+        self.cache = TextCache(None, encoder, encoder.num_layers - model_config.trainable_layers,
+                               self.model_config.max_length)
         self.top = common.FlopCounter().attach(self.checkpoint.model.top_layers)
         self.fit_seconds = 0.0
         self.step_seconds = 0.0
@@ -193,6 +196,18 @@ class Llmrec:
 # ----------------------------------------------------------------------------- run
 
 
+def variants(spec: str) -> dict[str, ModelConfig]:
+    """'0,1,1:lora8' -> {'0': tl=0, '1': tl=1, '1:lora8': tl=1 with LoRA rank 8}."""
+    out = {}
+    for token in (t.strip() for t in spec.split(",") if t.strip()):
+        layers, _, lora = token.partition(":lora")
+        try:
+            out[token] = ModelConfig(trainable_layers=int(layers), lora_rank=int(lora or 0))
+        except ValueError as error:
+            raise SystemExit(f"--layers {token!r}: expected N or N:loraR ({error})") from None
+    return out
+
+
 def measured(function, device: str) -> tuple[float, int]:
     """(seconds, peak bytes) of one call: peak RSS on CPU, peak allocated on CUDA."""
     common.reset_peak_rss()
@@ -216,7 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ratings", type=int, help="ratings each one trains on in the alternating run")
     p.add_argument("--chunk", type=int, help="ratings per alternating chunk (default: the batch size)")
     p.add_argument("--held-out", type=int, help="held-out rows scored by both")
-    p.add_argument("--layers", default="0,1", help="llmrec trainable_layers values, comma-separated")
+    p.add_argument("--layers", default="0,1,1:lora8",
+                   help="llmrec variants, comma-separated: N = trainable_layers N (all their weights "
+                   "fine-tuned), N:loraR = trainable_layers N with LoRA adapters of rank R")
     p.add_argument("--epoch-rows", type=int, help="training rows of llmrec's full epoch (default: all)")
     p.add_argument("--no-epoch", action="store_true", help="skip llmrec's full epoch")
     p.add_argument("--peak-n", type=int, default=4096, help="size of the square matmul that measures the CPU peak")
@@ -229,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_held = args.held_out or size["held_out"]
     # At least two chunks each, so the methods really alternate.
     chunk = args.chunk or min(args.batch_size, max(1, n_ratings // 2))
-    layers = [int(x) for x in args.layers.split(",") if x.strip()]
+    layers = variants(args.layers)
     info = common.print_machine(device)
 
     data = common.load_data(args.data, args.rows)
@@ -251,14 +268,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     encoder = common.load_encoder(args.encoder)  # loaded once, outside every timing
     bottom = common.FlopCounter().attach(encoder.layers)
-    config = TrainingConfig(epochs=1, batch_size=args.batch_size, seed=args.seed, device=device)
-    print("llmrec training config (defaults, but epochs=1): "
+    # The chunks are pieces of one training run, not nights: no resume-rate scaling.
+    config = TrainingConfig(epochs=1, batch_size=args.batch_size, seed=args.seed, device=device,
+                            resume_shared_lr_scale=1.0)
+    print("llmrec training config (defaults, but epochs=1, resume_shared_lr_scale=1): "
           + ", ".join(f"{k}={v}" for k, v in config.model_dump().items()), flush=True)
     mean_rating = float(train_rows["rating"].iloc[: min(chunk, n_ratings)].mean())
     torch.manual_seed(args.seed)
     naive = Naive(resolve_encoder(args.encoder), encoder.tokenizer, data, mean_rating, config, device,
                   args.micro_batch, args.max_length)
-    runs = {tl: Llmrec(encoder, tl, config, data, bottom, args.seed) for tl in layers}
+    runs = {tl: Llmrec(encoder, model_config, config, data, bottom, args.seed) for tl, model_config in layers.items()}
 
     # Alternate chunk by chunk over the same rows.
     naive_seconds, peaks = 0.0, {"naive": 0, **{tl: 0 for tl in layers}}
@@ -306,8 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     epochs = []
     if not args.no_epoch:
-        for tl in layers:
-            run = Llmrec(encoder, tl, config, data, bottom, args.seed)
+        for tl, model_config in layers.items():
+            run = Llmrec(encoder, model_config, config, data, bottom, args.seed)
             top_before = run.top.flops
             bottom_before = bottom.flops
             seconds, peak_bytes = measured(lambda: run.train(epoch_rows), device)
@@ -335,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(common.markdown_table(epochs), flush=True)
         if device == "cuda":
             for row in epochs:
-                if row["trainable_layers"] > 0:
+                if row["trainable_layers"] != "0":
                     print(f"MFU of the training step (tl={row['trainable_layers']}): {row['of peak (train loop)']:.2%} "
                           f"of {common.fmt_flops(peak)}FLOP/s bf16 ({peak_source})")
 
@@ -343,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
               "peak_flops": peak,
               "peak_source": peak_source, "global_mean_rmse": mean_rmse, "naive": naive_info,
               "same_count": same_count, "epoch": epochs, "command": " ".join(sys.argv)}
-    default = next((r for r in same_count if r["trainable_layers"] == 0), same_count[0] if same_count else None)
+    default = next((r for r in same_count if r["trainable_layers"] == "0"), same_count[0] if same_count else None)
     if default is not None:
         met = default["ratio (step)"] >= 20 and default["llmrec RMSE"] <= default["naive RMSE"]
         print(f"\ntarget (tl={default['trainable_layers']}): ratio >= 20 and RMSE <= naive's: "

@@ -49,14 +49,17 @@ def test_cpu_benchmarks_run_quick_and_print_results(tiny_encoder, tmp_path, caps
                                                     "--peak-n", "512"])
     out = capsys.readouterr().out
     assert "peak:" in out and "| trainable_layers |" in out and "target (tl=0)" in out
-    assert [row["trainable_layers"] for row in train["same_count"]] == [0, 1]
+    assert [row["trainable_layers"] for row in train["same_count"]] == ["0", "1", "1:lora8"]
     for row in train["same_count"]:
         assert row["naive r/s"] > 0 and row["llmrec step r/s"] > 0 and row["ratio (step)"] > 0
         assert np.isfinite(row["naive RMSE"]) and np.isfinite(row["llmrec RMSE"])
         assert row["llmrec peak RSS GiB"] > 0
-    assert [row["rows"] for row in train["epoch"]] == [300, 300]
+    assert [row["rows"] for row in train["epoch"]] == [300, 300, 300]
     assert train["epoch"][0]["FLOP/s (train loop)"] == 0  # tl=0 runs no transformer layer per step
     assert train["epoch"][1]["FLOP/s (train loop)"] > 0 and 0 < train["epoch"][1]["of peak (fit)"]
+    # LoRA: same layers run, but frozen weights need no weight gradients (x2, not x3).
+    full, lora = train["epoch"][1], train["epoch"][2]
+    assert 0 < lora["encoder TFLOP (cache + train)"] < full["encoder TFLOP (cache + train)"]
     assert train["peak_flops"] > 0
 
     score = load("score_throughput").main(common + ["--repeats", "1"])
