@@ -142,9 +142,11 @@ class TextCache:
         key = f"{encoder.identity}-f{frozen_layers}-l{max_length}"
         self.folder = root / key if root is not None else None
         self.memory: dict[str, tuple[torch.Tensor, ...]] = {}
+        # Text -> hash, remembered: a night asks for every catalog text several times.
+        self.keys: dict[str, str] = {}
 
     def features(self, texts: list[str]) -> TextFeatures:
-        keys = [text_key(t) for t in texts]
+        keys = [self.keys.get(t) or self.keys.setdefault(t, text_key(t)) for t in texts]
         self._load(set(keys))
         missing = sorted({k: t for k, t in zip(keys, texts) if k not in self.memory}.items())
         if missing:
@@ -164,13 +166,16 @@ class TextCache:
         return self.folder / "index.json"
 
     def _load(self, wanted: set[str]) -> None:
-        if self.folder is None or not self._index_path().exists():
+        wanted = wanted - self.memory.keys()
+        # Every call after the first in a process usually finds all its texts in memory:
+        # skip parsing the index then.
+        if not wanted or self.folder is None or not self._index_path().exists():
             return
         from safetensors.torch import load_file
 
         index = json.loads(self._index_path().read_text())
         by_file: dict[str, list[str]] = {}
-        for key in wanted - self.memory.keys():
+        for key in wanted:
             if key in index:
                 by_file.setdefault(index[key], []).append(key)
         for name, keys in by_file.items():

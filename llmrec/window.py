@@ -69,9 +69,12 @@ def split(events: pd.DataFrame, watermark: int, anchor: pd.DataFrame | None,
     held_count = int(np.ceil(len(new) * evaluation.held_out_fraction)) if len(new) > 1 else 0
     held_out = new.iloc[len(new) - held_count :] if held_count else new.iloc[0:0]
     new_train = new.iloc[: len(new) - held_count]
-    pool = without(older, anchor)
-    replay_count = min(len(pool), int(round(len(new_train) * training.replay_fraction)))
-    replay = pool.sample(n=replay_count, random_state=training.seed + watermark) if replay_count else pool.iloc[0:0]
+    wanted = int(round(len(new_train) * training.replay_fraction))
+    # Draw from all older rows, then drop anchor rows from the draw only: a uniform sample
+    # of older rows minus the anchor, without an anti-join over the whole history.
+    drawn = older.sample(n=min(len(older), wanted + len(anchor)), random_state=training.seed + watermark)
+    replay = without(drawn, anchor).iloc[:wanted]
+    replay_count = len(replay)
     train = pd.concat([new_train, replay], ignore_index=True)
     return Window(train=train.reset_index(drop=True), held_out=held_out.reset_index(drop=True),
                   anchor=anchor.reset_index(drop=True), new_rows=len(new), replay_rows=replay_count)

@@ -41,3 +41,8 @@ def test_later_night_keeps_anchor_and_replays_older_rows():
     assert len(replay) == w.replay_rows and not keys(replay) & keys(first.anchor)
     none = split(data, 1, first.anchor, TrainingConfig(replay_fraction=0.0), EvaluationConfig())
     assert none.replay_rows == 0 and (none.train["_ingest_seq"] == 2).all()
+    # More replay asked for than there are older rows: every older row but the anchor, once.
+    everything = split(data, 1, first.anchor, TrainingConfig(replay_fraction=5.0), EvaluationConfig())
+    replayed = everything.train[everything.train["_ingest_seq"] == 1]
+    assert everything.replay_rows == len(replayed) == 200 - len(first.anchor)
+    assert keys(replayed) == keys(data[data["_ingest_seq"] == 1]) - keys(first.anchor)
