@@ -53,6 +53,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from llmrec import model as model_mod  # noqa: E402
+from llmrec.cli import UsageError, parse_sets  # noqa: E402
 from llmrec.config import EvaluationConfig, ModelConfig, TrainingConfig  # noqa: E402
 from llmrec.encoder import TextCache  # noqa: E402
 from llmrec.evaluate import evaluate  # noqa: E402
@@ -151,18 +152,19 @@ def main(argv: list[str] | None = None) -> dict:
     if not days:
         raise SystemExit("no measurable day: each must be >= --bootstrap and have ratings after it")
     model_config = ModelConfig(trainable_layers=args.trainable_layers)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if not key.startswith("training.") or not value:
-            raise SystemExit(f"--set {item!r}: expected training.FIELD=VALUE")
-        overrides[key.removeprefix("training.")] = value
-    training = TrainingConfig(**{"epochs": args.epochs, "seed": args.seed, "device": device, **overrides})
+    try:
+        overrides = parse_sets(args.set)
+    except UsageError as error:
+        raise SystemExit(str(error)) from None
+    if set(overrides) - {"training"}:
+        raise SystemExit(f"--set {args.set}: only training.FIELD=VALUE applies here")
+    training = TrainingConfig(**{"epochs": args.epochs, "seed": args.seed, "device": device,
+                                 **overrides.get("training", {})})
     evaluation = EvaluationConfig()
 
     common.reset_peak_rss()
     encoder = common.load_encoder(args.encoder)  # once, not timed
-    cache = TextCache(args.cache, encoder, encoder.num_layers - model_config.trainable_layers, model_config.max_length)
+    cache = TextCache.for_model(args.cache, encoder, model_config)
     start = time.perf_counter()
     cache.features(list(data.user_texts.values()))
     cache.features(list(data.item_texts.values()))

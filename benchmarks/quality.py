@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines import BiasedMF, constant_scorer  # noqa: E402
 
+from llmrec.cli import parse_sets  # noqa: E402
 from llmrec.config import NightlyConfig  # noqa: E402
 from llmrec.data import load_movielens  # noqa: E402
 from llmrec.encoder import TextCache, load_encoder  # noqa: E402
@@ -157,13 +158,9 @@ class Llmrec:
 
 
 def nightly_config(overrides: list[str], epochs: int | None) -> NightlyConfig:
-    data: dict = {"model": {}, "training": {}, "evaluation": {}}
-    for item in overrides:
-        key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
-        data.setdefault(section, {})[name] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
+    data = parse_sets(overrides)
     if epochs is not None:
-        data["training"].setdefault("epochs", epochs)
+        data.setdefault("training", {}).setdefault("epochs", epochs)
     return NightlyConfig(**data)
 
 
@@ -499,7 +496,7 @@ def main(argv: list[str] | None = None) -> dict:
     item_texts = render_text(items, "item_id").to_dict()
     encoder = load_encoder(config.model.encoder)
     torch.manual_seed(config.training.seed)
-    cache = TextCache(args.cache, encoder, encoder.num_layers - config.model.trainable_layers, config.model.max_length)
+    cache = TextCache.for_model(args.cache, encoder, config.model)
     cache.features(list(user_texts.values()) + list(item_texts.values()))  # encode once, up front
     log.info("encoded %d texts in %.0fs", len(user_texts) + len(item_texts), time.perf_counter() - started)
     # The heads and MF work on small tensors: one thread is as fast, and far faster than

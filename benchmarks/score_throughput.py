@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     encoder = common.load_encoder(args.encoder)
     model_config = ModelConfig()
     checkpoint = new_checkpoint(encoder, model_config, args.seed)
-    cache = TextCache(args.cache, encoder, encoder.num_layers - model_config.trainable_layers, model_config.max_length)
+    cache = TextCache.for_model(args.cache, encoder, model_config)
     fit(checkpoint, cache, fit_rows, data.user_texts, data.item_texts,
         TrainingConfig(epochs=1, seed=args.seed, device=device))
 

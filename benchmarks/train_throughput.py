@@ -166,8 +166,7 @@ class Llmrec:
         self.encoder, self.config, self.data, self.bottom = encoder, config, data, bottom
         self.model_config = model_config
         self.checkpoint = new_checkpoint(encoder, self.model_config, seed)
-        self.cache = TextCache(None, encoder, encoder.num_layers - model_config.trainable_layers,
-                               self.model_config.max_length)
+        self.cache = TextCache.for_model(None, encoder, model_config)
         self.top = common.FlopCounter().attach(self.checkpoint.model.top_layers)
         self.fit_seconds = 0.0
         self.step_seconds = 0.0

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmrec.config import resolve_encoder
+from llmrec.config import ModelConfig, resolve_encoder
 from llmrec.errors import LlmrecError
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -144,6 +144,11 @@ class TextCache:
         self.memory: dict[str, tuple[torch.Tensor, ...]] = {}
         # Text -> hash, remembered: a night asks for every catalog text several times.
         self.keys: dict[str, str] = {}
+
+    @classmethod
+    def for_model(cls, root: Path | None, encoder: Encoder, model: ModelConfig) -> "TextCache":
+        """The cache a model with this config reads: every layer below its trainable top."""
+        return cls(root, encoder, encoder.num_layers - model.trainable_layers, model.max_length)
 
     def features(self, texts: list[str]) -> TextFeatures:
         keys = [self.keys.get(t) or self.keys.setdefault(t, text_key(t)) for t in texts]

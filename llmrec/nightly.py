@@ -195,11 +195,6 @@ def texts(home: Home) -> tuple[dict[str, str], dict[str, str]]:
     return render_text(users, "user_id").to_dict(), render_text(items, "item_id").to_dict()
 
 
-def text_cache(home: Home, encoder: Encoder, config: NightlyConfig) -> TextCache:
-    frozen = encoder.num_layers - config.model.trainable_layers
-    return TextCache(home.cache, encoder, frozen, config.model.max_length)
-
-
 def build_scorer(checkpoint: model_mod.Checkpoint, cache: TextCache, user_texts: dict, item_texts: dict,
                  extra: pd.DataFrame | None = None) -> Scorer:
     """Vectors for every known user and catalog item, plus any ids in `extra`."""
@@ -237,7 +232,7 @@ def train_challenger(config: NightlyConfig, window: Window, champion: Champion, 
     else:
         checkpoint = model_mod.new_checkpoint(encoder, config.model, config.training.seed)
     start_step = checkpoint.global_step
-    cache = TextCache(home.cache, encoder, encoder.num_layers - checkpoint.config.trainable_layers, checkpoint.config.max_length)
+    cache = TextCache.for_model(home.cache, encoder, checkpoint.config)
     user_texts, item_texts = texts(home)
     result, vocab = fit(checkpoint, cache, window.train, user_texts, item_texts, config.training, on_epoch)
     checkpoint.ingest_watermark = int(ingest_mod.read_manifest(home)["ingest_seq"].max())
@@ -265,8 +260,7 @@ def evaluate_models(config: NightlyConfig, window: Window, challenger_dir: Path,
 
     def metrics_of(folder: Path) -> dict:
         checkpoint = model_mod.load(folder, encoder)
-        cache = TextCache(home.cache, encoder, encoder.num_layers - checkpoint.config.trainable_layers,
-                          checkpoint.config.max_length)
+        cache = TextCache.for_model(home.cache, encoder, checkpoint.config)
         scorer = build_scorer(checkpoint, cache, user_texts, item_texts, eval_rows)
         out = {}
         for part, rows in parts.items():
