@@ -244,7 +244,8 @@ def layer_flops(batch: int, length: int, hidden: int, intermediate: int) -> floa
 class FlopCounter:
     """Counts the FLOPs of transformer layers as they run, with forward hooks: each call
     adds its forward FLOPs, x3 when autograd records it (a backward pass follows: input
-    and weight gradients), x2 when only LoRA adapters train. Tokens are counted as executed (padding included) and as real."""
+    and weight gradients), x2 when only LoRA adapters train. Tokens are counted as executed
+    (padding included) and as real."""
 
     flops: float = 0.0
     tokens: int = 0

@@ -141,7 +141,7 @@ def top_layers_of(encoder: Encoder, config: ModelConfig) -> nn.ModuleList:
     layers = nn.ModuleList(copy.deepcopy(layer) for layer in encoder.layers[encoder.num_layers - trainable_layers :])
     for parameter in layers.parameters():
         parameter.requires_grad_(True)
-    if config.lora_rank and trainable_layers:
+    if config.lora_rank:
         from peft import LoraConfig, inject_adapter_in_model
 
         # Freezes the copied weights and trains only the adapters; "all-linear" finds the

@@ -53,12 +53,12 @@ def make_optimizer(checkpoint: Checkpoint, config: TrainingConfig, device: torch
     rate a small night pulls them towards its few users, which new users then inherit."""
     model = checkpoint.model
     scale = config.resume_shared_lr_scale if checkpoint.global_step > 0 else 1.0
-    encoder_params = [p for p in model.top_layers.parameters() if p.requires_grad]
-    encoder_ids = {id(p) for p in encoder_params}
-    id_params, shared_params = [], []
+    id_params, shared_params, encoder_params = [], [], []
     for name, p in model.named_parameters():
-        if p.requires_grad and id(p) not in encoder_ids:
-            (id_params if name.split(".")[0] in ID_TABLES else shared_params).append(p)
+        if p.requires_grad:
+            module = name.split(".")[0]
+            group = encoder_params if module == "top_layers" else id_params if module in ID_TABLES else shared_params
+            group.append(p)
     groups = [{"params": id_params, "lr": config.lr}, {"params": shared_params, "lr": config.lr * scale}]
     if encoder_params:
         encoder_lr = config.lora_lr if checkpoint.config.lora_rank else config.encoder_lr

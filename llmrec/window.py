@@ -74,7 +74,6 @@ def split(events: pd.DataFrame, watermark: int, anchor: pd.DataFrame | None,
     # of older rows minus the anchor, without an anti-join over the whole history.
     drawn = older.sample(n=min(len(older), wanted + len(anchor)), random_state=training.seed + watermark)
     replay = without(drawn, anchor).iloc[:wanted]
-    replay_count = len(replay)
     train = pd.concat([new_train, replay], ignore_index=True)
     return Window(train=train.reset_index(drop=True), held_out=held_out.reset_index(drop=True),
-                  anchor=anchor.reset_index(drop=True), new_rows=len(new), replay_rows=replay_count)
+                  anchor=anchor.reset_index(drop=True), new_rows=len(new), replay_rows=len(replay))
