@@ -19,20 +19,6 @@ import torch
 from llmrec.scoring import Scorer
 
 
-def vector_scorer(mu: float, user_ids: list[str], user_vectors: torch.Tensor, user_bias: torch.Tensor,
-                  item_ids: list[str], item_vectors: torch.Tensor, item_bias: torch.Tensor) -> Scorer:
-    """A `Scorer` over given vectors (no checkpoint): predict/top_k are llmrec's own."""
-    scorer = Scorer.__new__(Scorer)
-    scorer.loss = "mse"
-    scorer.mu = float(mu)
-    scorer.user_ids, scorer.item_ids = list(user_ids), list(item_ids)
-    scorer.user_index = {u: i for i, u in enumerate(scorer.user_ids)}
-    scorer.item_index = {v: i for i, v in enumerate(scorer.item_ids)}
-    scorer.user_vectors, scorer.user_bias = user_vectors.float(), user_bias.float()
-    scorer.item_vectors, scorer.item_bias = item_vectors.float(), item_bias.float()
-    return scorer
-
-
 class BiasedMF:
     """r_hat = mu + b_u + b_i + <p_u, q_i>, SGD with L2 on every parameter it touches:
         e = r - r_hat;  b_u += lr (e - reg b_u);  p_u += lr (e q_i - reg p_u)  (and i alike).
@@ -101,7 +87,7 @@ class BiasedMF:
     def scorer(self, user_ids: list[str], item_ids: list[str]) -> Scorer:
         uv, ub = self._side(user_ids, self.user_index, self.P, self.bu)
         iv, ib = self._side(item_ids, self.item_index, self.Q, self.bi)
-        return vector_scorer(self.mu, user_ids, uv, ub, item_ids, iv, ib)
+        return Scorer(self.mu, user_ids, uv, ub, item_ids, iv, ib)
 
 
 def constant_scorer(rows: pd.DataFrame, user_ids: list[str], item_ids: list[str], kind: str) -> Scorer:
@@ -122,4 +108,4 @@ def constant_scorer(rows: pd.DataFrame, user_ids: list[str], item_ids: list[str]
         mu = 0.0
     else:
         raise ValueError(kind)
-    return vector_scorer(mu, user_ids, zeros_u, torch.zeros(len(user_ids)), item_ids, zeros_i, bias)
+    return Scorer(mu, user_ids, zeros_u, torch.zeros(len(user_ids)), item_ids, zeros_i, bias)

@@ -7,11 +7,10 @@
 
 Replay: every rating gets an `_ingest_seq` as if each day had landed as one nightly drop
 (the first --bootstrap days are drop 1, then one drop per day). Night after night the
-script does what the flow's fine-tune stage does (llmrec.nightly.train_challenger,
-without MLflow): `llmrec.window.split` cuts the window (tonight's new rows minus the
-anchor and the newest held-out slice, plus replay of older rows), `llmrec.model.load`
-resumes yesterday's checkpoint, `llmrec.train.fit` trains, and the checkpoint is saved
-with its serving vectors (`llmrec.model.save`). Every night's model becomes the next
+script runs the flow's own stages without MLflow: `llmrec.window.split` cuts the window
+(tonight's new rows minus the anchor and the newest held-out slice, plus replay of older
+rows), and `llmrec.train.fine_tune` (the fine-tune stage) resumes yesterday's model, trains,
+and saves the checkpoint with its serving vectors. Every night's model becomes the next
 night's base (the gate is not applied here).
 
 At each measured day D, after that night's incremental update, a full retrain starts
@@ -52,14 +51,15 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from llmrec import model as model_mod  # noqa: E402
-from llmrec.cli import UsageError, parse_sets  # noqa: E402
-from llmrec.config import EvaluationConfig, ModelConfig, TrainingConfig  # noqa: E402
+from llmrec.config import EvaluationConfig, ModelConfig, TrainingConfig, parse_sets  # noqa: E402
 from llmrec.encoder import TextCache  # noqa: E402
+from llmrec.errors import LlmrecError  # noqa: E402
 from llmrec.evaluate import evaluate  # noqa: E402
-from llmrec.nightly import build_scorer  # noqa: E402
-from llmrec.train import fit  # noqa: E402
-from llmrec.window import split, without  # noqa: E402
+from llmrec.model import Champion  # noqa: E402
+from llmrec.schema import CatalogTexts  # noqa: E402
+from llmrec.scoring import Scorer  # noqa: E402
+from llmrec.train import fine_tune  # noqa: E402
+from llmrec.window import Window, split, without  # noqa: E402
 
 RATIO_TARGET = 0.10
 RMSE_TARGET = 0.01
@@ -74,39 +74,29 @@ def daily_drops(events: pd.DataFrame, bootstrap_days: int) -> pd.DataFrame:
     return events.assign(_day=day, _ingest_seq=seq.astype(np.int64))
 
 
-def nightly_update(events: pd.DataFrame, seq: int, state: dict, encoder, cache: TextCache, data: common.Data,
+def nightly_update(events: pd.DataFrame, seq: int, state: dict, cache: TextCache, texts: CatalogTexts,
                    model_config: ModelConfig, training: TrainingConfig, evaluation: EvaluationConfig,
                    folder: Path):
-    """One night of the flow's fine-tune stage: window, resume (or start), fit, save."""
+    """One night of the flow: window, then the fine-tune stage resuming yesterday's model."""
     known = events[events["_ingest_seq"] <= seq]
-    window = split(known, state["watermark"], state["anchor"], training, evaluation)
+    window = split(known, state["champion"].ingest_watermark, state["anchor"], training, evaluation)
     if state["anchor"] is None:
         state["anchor"] = window.anchor
     if window.train.empty:
         return window, None
-    if state["checkpoint_dir"] is None:
-        checkpoint = model_mod.new_checkpoint(encoder, model_config, training.seed)
-    else:
-        checkpoint = model_mod.load(state["checkpoint_dir"], encoder)
-    fit(checkpoint, cache, window.train, data.user_texts, data.item_texts, training)
-    checkpoint.ingest_watermark = seq
-    scorer = build_scorer(checkpoint, cache, data.user_texts, data.item_texts)
-    tensors, ids = scorer.vectors()
-    state["checkpoint_dir"] = model_mod.save(checkpoint, folder, tensors, ids)
-    state["watermark"] = seq
-    return window, checkpoint
+    trained = fine_tune(state["champion"], cache, texts, window, model_config, training, folder, f"day-{seq}")
+    state["champion"] = Champion(version=str(seq), checkpoint=trained.checkpoint)
+    return window, trained.checkpoint
 
 
-def full_retrain(events: pd.DataFrame, seq: int, window, anchor: pd.DataFrame, encoder, cache: TextCache,
-                 data: common.Data, model_config: ModelConfig, training: TrainingConfig, folder: Path):
+def full_retrain(events: pd.DataFrame, seq: int, window, anchor: pd.DataFrame, cache: TextCache,
+                 texts: CatalogTexts, model_config: ModelConfig, training: TrainingConfig, folder: Path):
+    """The same fine-tune stage from the pretrained encoder, over all history up to `seq`."""
     rows = without(without(events[events["_ingest_seq"] <= seq], anchor), window.held_out)
-    checkpoint = model_mod.new_checkpoint(encoder, model_config, training.seed)
-    fit(checkpoint, cache, rows, data.user_texts, data.item_texts, training)
-    checkpoint.ingest_watermark = seq
-    scorer = build_scorer(checkpoint, cache, data.user_texts, data.item_texts)
-    tensors, ids = scorer.vectors()
-    model_mod.save(checkpoint, folder, tensors, ids)
-    return rows, checkpoint
+    history = Window(train=rows, held_out=window.held_out, anchor=anchor, new_rows=len(rows), replay_rows=0,
+                     watermark=seq)
+    trained = fine_tune(Champion(), cache, texts, history, model_config, training, folder, f"full-{seq}")
+    return rows, trained.checkpoint
 
 
 def next_rows(events: pd.DataFrame, day: int, minimum: int) -> tuple[pd.DataFrame, list[int]]:
@@ -122,7 +112,7 @@ def next_rows(events: pd.DataFrame, day: int, minimum: int) -> tuple[pd.DataFram
 
 def scored(checkpoint, cache, data: common.Data, rows: pd.DataFrame, trained_pairs: pd.DataFrame,
            evaluation: EvaluationConfig) -> dict:
-    scorer = build_scorer(checkpoint, cache, data.user_texts, data.item_texts, rows)
+    scorer = Scorer.from_checkpoint(checkpoint, cache, CatalogTexts(data.user_texts, data.item_texts), rows)
     return evaluate(scorer, rows, trained_pairs, evaluation.k, evaluation.relevant_rating)
 
 
@@ -154,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_config = ModelConfig(trainable_layers=args.trainable_layers)
     try:
         overrides = parse_sets(args.set)
-    except UsageError as error:
+    except LlmrecError as error:
         raise SystemExit(str(error)) from None
     if set(overrides) - {"training"}:
         raise SystemExit(f"--set {args.set}: only training.FIELD=VALUE applies here")
@@ -171,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"text cache warmed in {time.perf_counter() - start:.1f} s ({cache.folder}); not timed below", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="llmrec-incr-"))
-    state = {"watermark": 0, "anchor": None, "checkpoint_dir": None}
+    texts = CatalogTexts(data.user_texts, data.item_texts)
+    state = {"champion": Champion(), "anchor": None}
     rows_out = []
     replay_start = time.perf_counter()
     try:
@@ -193,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
                     torch.cuda.reset_peak_memory_stats()
                 common.sync(device)
                 t0 = time.perf_counter()
-                window, checkpoint = nightly_update(events, seq, state, encoder, cache, data, model_config, training,
+                window, checkpoint = nightly_update(events, seq, state, cache, texts, model_config, training,
                                                     evaluation, work / f"night-{seq}-{repeat}")
                 common.sync(device)
                 times.append(time.perf_counter() - t0)
@@ -208,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
             for repeat in range(args.repeats):
                 common.sync(device)
                 t0 = time.perf_counter()
-                full_rows, full_checkpoint = full_retrain(events, seq, window, state["anchor"], encoder, cache, data,
+                full_rows, full_checkpoint = full_retrain(events, seq, window, state["anchor"], cache, texts,
                                                           model_config, training, work / f"full-{seq}-{repeat}")
                 common.sync(device)
                 times.append(time.perf_counter() - t0)
@@ -217,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
             trained_pairs = events.loc[events["_ingest_seq"] <= seq, ["user_id", "item_id"]]
             inc = scored(checkpoint, cache, data, eval_rows, trained_pairs, evaluation)
             full = scored(full_checkpoint, cache, data, eval_rows, trained_pairs, evaluation)
-            _, other_seed = full_retrain(events, seq, window, state["anchor"], encoder, cache, data, model_config,
+            _, other_seed = full_retrain(events, seq, window, state["anchor"], cache, texts, model_config,
                                          training.model_copy(update={"seed": training.seed + 1}),
                                          work / f"full-{seq}-seed")
             noise = scored(other_seed, cache, data, eval_rows, trained_pairs, evaluation)

@@ -7,9 +7,9 @@ forgetting, cold start and the canonical u1..u5 table (issue 4).
 
 Continual protocol: bootstrap on the first four weeks, then one update per week. Each
 update goes through the functions the nightly flow calls: `llmrec.window.split` cuts the
-window (new rows - anchor - newest held-out slice, plus replay), `llmrec.train.fit`
-resumes the in-memory checkpoint, `llmrec.nightly.build_scorer` + `llmrec.evaluate.evaluate`
-score it. After each update every method is evaluated on the NEXT week's ratings (RMSE,
+window (new rows - anchor - newest held-out slice, plus replay), `llmrec.train.fine_tune`
+(the flow's fine-tune stage) resumes the previous model, `llmrec.scoring.Scorer` +
+`llmrec.evaluate.evaluate` score it. After each update every method is evaluated on the NEXT week's ratings (RMSE,
 MAE, recall@10, NDCG@10; relevant = rating >= 4; candidates = catalog items the user has
 not rated before that week). The anchor set is the one `split` draws on the first night
 (never trained on); forgetting = anchor RMSE at a step minus anchor RMSE at step 0.
@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,16 +44,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines import BiasedMF, constant_scorer  # noqa: E402
 
-from llmrec.cli import parse_sets  # noqa: E402
-from llmrec.config import NightlyConfig  # noqa: E402
+from llmrec.config import NightlyConfig, parse_sets  # noqa: E402
 from llmrec.data import load_movielens  # noqa: E402
 from llmrec.encoder import TextCache, load_encoder  # noqa: E402
 from llmrec.evaluate import evaluate, rating_metrics  # noqa: E402
-from llmrec.model import new_checkpoint  # noqa: E402
-from llmrec.nightly import build_scorer  # noqa: E402
-from llmrec.schema import render_text  # noqa: E402
-from llmrec.train import fit  # noqa: E402
-from llmrec.window import split, without  # noqa: E402
+from llmrec.model import Champion  # noqa: E402
+from llmrec.schema import CatalogTexts, render_text  # noqa: E402
+from llmrec.scoring import Scorer  # noqa: E402
+from llmrec.train import fine_tune  # noqa: E402
+from llmrec.window import Window, split, without  # noqa: E402
 
 log = logging.getLogger("quality")
 
@@ -134,27 +134,35 @@ def canonical_folds(data: Path) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
 
 
 class Llmrec:
-    """One llmrec variant, trained through `fit` on an in-memory checkpoint."""
+    """One llmrec variant, updated step after step through the flow's own fine-tune stage
+    (`llmrec.train.fine_tune`), each update resuming the previous model as a night resumes
+    the champion."""
 
-    def __init__(self, encoder, config: NightlyConfig, cache: TextCache, user_texts, item_texts):
-        self.encoder, self.config, self.cache = encoder, config, cache
-        self.user_texts, self.item_texts = user_texts, item_texts
-        self.checkpoint = None
+    def __init__(self, config: NightlyConfig, cache: TextCache, texts: CatalogTexts):
+        self.config, self.cache, self.texts = config, cache, texts
+        self.checkpoints = tempfile.TemporaryDirectory(prefix="llmrec-quality-")
+        self.champion = Champion()
         self.seconds = 0.0
 
     def reset(self):
-        self.checkpoint = None
+        self.champion = Champion()
 
-    def update(self, rows: pd.DataFrame) -> None:
-        if self.checkpoint is None:
-            self.checkpoint = new_checkpoint(self.encoder, self.config.model, self.config.training.seed)
+    def update(self, window: Window) -> None:
         start = time.perf_counter()
-        fit(self.checkpoint, self.cache, rows, self.user_texts, self.item_texts, self.config.training)
+        trained = fine_tune(self.champion, self.cache, self.texts, window, self.config.model, self.config.training,
+                            Path(self.checkpoints.name) / "checkpoint", "quality")
         self.seconds += time.perf_counter() - start
+        self.champion = Champion(version=str(trained.global_step), checkpoint=trained.checkpoint)
 
     def scorer(self, item_ids: list[str], extra: pd.DataFrame):
-        items = {i: self.item_texts.get(i, "") for i in item_ids}
-        return build_scorer(self.checkpoint, self.cache, self.user_texts, items, extra)
+        items = {i: self.texts.items.get(i, "") for i in item_ids}
+        return Scorer.from_checkpoint(self.champion.checkpoint, self.cache, CatalogTexts(self.texts.users, items), extra)
+
+
+def rows_window(rows: pd.DataFrame, watermark: int = 0) -> Window:
+    """All of `rows` as training rows (a full retrain, a u-fold), nothing held out."""
+    none = rows.iloc[0:0]
+    return Window(train=rows, held_out=none, anchor=none, new_rows=len(rows), replay_rows=0, watermark=watermark)
 
 
 def nightly_config(overrides: list[str], epochs: int | None) -> NightlyConfig:
@@ -175,18 +183,18 @@ def evaluate_rows(scorer, rows: pd.DataFrame, trained_pairs: pd.DataFrame, ranki
     return evaluate(scorer, rows, trained_pairs, K, 4.0)
 
 
-def continual(events: pd.DataFrame, base: NightlyConfig, encoder, cache, user_texts, item_texts,
+def continual(events: pd.DataFrame, base: NightlyConfig, cache, user_texts, item_texts,
               steps: int | None, variants: tuple[str, ...] = ("replay", "no-replay", "retrain")) -> dict:
     """The weekly protocol. Returns per-step metrics for every method, forgetting on the
     anchor set, and the pooled cold-start numbers."""
     last_seq = int(events["_ingest_seq"].max())
     n_steps = last_seq - 1 if steps is None else min(steps, last_seq - 1)
     no_replay_cfg = base.model_copy(update={"training": base.training.model_copy(update={"replay_fraction": 0.0})})
-    models = {REPLAY: Llmrec(encoder, base, cache, user_texts, item_texts)}
+    models = {REPLAY: Llmrec(base, cache, CatalogTexts(user_texts, item_texts))}
     if "no-replay" in variants:
-        models[NO_REPLAY] = Llmrec(encoder, no_replay_cfg, cache, user_texts, item_texts)
+        models[NO_REPLAY] = Llmrec(no_replay_cfg, cache, CatalogTexts(user_texts, item_texts))
     if "retrain" in variants:
-        models[RETRAIN] = Llmrec(encoder, base, cache, user_texts, item_texts)
+        models[RETRAIN] = Llmrec(base, cache, CatalogTexts(user_texts, item_texts))
     mf = BiasedMF(**MF_PARAMS, seed=base.training.seed)
     methods = list(models) + [MF, GLOBAL, ITEM, POP]
     per_step = {m: [] for m in methods}
@@ -203,12 +211,12 @@ def continual(events: pd.DataFrame, base: NightlyConfig, encoder, cache, user_te
         anchor = window.anchor
         window_nr = split(upto, train_seq - 1, anchor, no_replay_cfg.training, base.evaluation)
         history = without(without(upto, anchor), window.held_out)  # everything a model may train on now
-        models[REPLAY].update(window.train)
+        models[REPLAY].update(window)
         if NO_REPLAY in models:
-            models[NO_REPLAY].update(window_nr.train)
+            models[NO_REPLAY].update(window_nr)
         if RETRAIN in models:
             models[RETRAIN].reset()
-            models[RETRAIN].update(history)
+            models[RETRAIN].update(rows_window(history, train_seq))
         start = time.perf_counter()
         mf.fit(window.train)
         seconds[MF] += time.perf_counter() - start
@@ -263,14 +271,14 @@ def continual(events: pd.DataFrame, base: NightlyConfig, encoder, cache, user_te
             "cold": cold_summary, "steps": steps_info, "train_seconds": seconds, "anchor_rows": len(anchor)}
 
 
-def folds_table(data: Path, base: NightlyConfig, encoder, cache, user_texts, item_texts, folds: int,
+def folds_table(data: Path, base: NightlyConfig, cache, user_texts, item_texts, folds: int,
                 fold_rows: int | None) -> dict:
     out = {"llmrec": [], MF: [], "folds": []}
     for i, (train_rows, test) in enumerate(canonical_folds(data)[:folds]):
         if fold_rows is not None:
             train_rows = train_rows.iloc[:fold_rows]
-        model = Llmrec(encoder, base, cache, user_texts, item_texts)
-        model.update(train_rows)
+        model = Llmrec(base, cache, CatalogTexts(user_texts, item_texts))
+        model.update(rows_window(train_rows))
         items = list(dict.fromkeys(list(item_texts) + test["item_id"].tolist()))
         out["llmrec"].append(evaluate_rows(model.scorer(items, test), test, None, ranking=False))
         mf = BiasedMF(**(FOLD_MF if fold_rows is None else MF_PARAMS), seed=base.training.seed).fit(train_rows)
@@ -502,11 +510,11 @@ def main(argv: list[str] | None = None) -> dict:
     # The heads and MF work on small tensors: one thread is as fast, and far faster than
     # two when the cores are shared (OpenMP workers spin-wait on a busy core).
     torch.set_num_threads(args.threads)
-    cont = continual(events, config, encoder, cache, user_texts, item_texts, steps,
+    cont = continual(events, config, cache, user_texts, item_texts, steps,
                       tuple(args.variants.split(",")))
     n_folds = 0 if args.first_half else (args.folds if args.folds is not None else settings["folds"])
     fold_config = nightly_config(args.set + (FOLD_SET if args.fold_set is None else args.fold_set), settings["epochs"])
-    folds = folds_table(args.data, fold_config, encoder, cache, user_texts, item_texts, n_folds, settings["fold_rows"])
+    folds = folds_table(args.data, fold_config, cache, user_texts, item_texts, n_folds, settings["fold_rows"])
     result = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "mode": name + (" first-half" if args.first_half else ""),

@@ -7,7 +7,7 @@ item 5).
     .venv/bin/python benchmarks/score_throughput.py --device cuda --quick
 
 A checkpoint (trainable_layers=0, the flow's default) is trained for one epoch so the
-vectors are real; the user and item vectors are computed once (`Scorer(...)`, reusing
+vectors are real; the user and item vectors are computed once (`Scorer.from_checkpoint`, reusing
 the cached frozen-encoder outputs), then each top_k call scores every (user, item) pair
 with one matrix product per chunk of users, masks the pairs the user rated in training
 and keeps the best 10. scores/s = users x items / seconds of one top_k call (median of
@@ -32,6 +32,7 @@ from llmrec.config import ModelConfig, TrainingConfig  # noqa: E402
 from llmrec.encoder import TextCache  # noqa: E402
 from llmrec.evaluate import evaluate  # noqa: E402
 from llmrec.model import new_checkpoint  # noqa: E402
+from llmrec.schema import CatalogTexts  # noqa: E402
 from llmrec.scoring import Scorer  # noqa: E402
 from llmrec.train import fit  # noqa: E402
 
@@ -77,15 +78,14 @@ def main(argv: list[str] | None = None) -> dict:
     model_config = ModelConfig()
     checkpoint = new_checkpoint(encoder, model_config, args.seed)
     cache = TextCache.for_model(args.cache, encoder, model_config)
-    fit(checkpoint, cache, fit_rows, data.user_texts, data.item_texts,
+    texts = CatalogTexts(data.user_texts, data.item_texts)
+    fit(checkpoint, cache, fit_rows, texts,
         TrainingConfig(epochs=1, seed=args.seed, device=device))
 
-    user_ids = sorted(data.user_texts)
-    item_ids = sorted(data.item_texts)
-    user_features = cache.features([data.user_texts[u] for u in user_ids])
-    item_features = cache.features([data.item_texts[i] for i in item_ids])
+    cache.features(list(texts.users.values()) + list(texts.items.values()))  # encoded here, not timed below
     start = time.perf_counter()
-    scorer = Scorer(checkpoint, user_ids, user_features, item_ids, item_features)
+    scorer = Scorer.from_checkpoint(checkpoint, cache, texts)
+    user_ids, item_ids = scorer.user_ids, scorer.item_ids
     vectors_seconds = time.perf_counter() - start
     exclude = train_rows[["user_id", "item_id"]]
     pairs = len(user_ids) * len(item_ids)

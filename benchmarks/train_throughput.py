@@ -58,6 +58,7 @@ from torch import nn  # noqa: E402
 from llmrec.config import ModelConfig, TrainingConfig, resolve_encoder  # noqa: E402
 from llmrec.encoder import TextCache  # noqa: E402
 from llmrec.model import new_checkpoint  # noqa: E402
+from llmrec.schema import CatalogTexts  # noqa: E402
 from llmrec.scoring import Scorer  # noqa: E402
 from llmrec.train import fit  # noqa: E402
 
@@ -177,7 +178,8 @@ class Llmrec:
         before = self.bottom.flops + self.top.flops
         common.sync(self.config.device)
         start = time.perf_counter()
-        result, _ = fit(self.checkpoint, self.cache, rows, self.data.user_texts, self.data.item_texts, self.config)
+        result, _ = fit(self.checkpoint, self.cache, rows, CatalogTexts(self.data.user_texts, self.data.item_texts),
+                        self.config)
         common.sync(self.config.device)
         self.fit_seconds += time.perf_counter() - start
         self.step_seconds += result.seconds
@@ -185,10 +187,9 @@ class Llmrec:
         self.flops += self.bottom.flops + self.top.flops - before
 
     def predict(self, rows: pd.DataFrame) -> np.ndarray:
-        users = list(dict.fromkeys(rows["user_id"]))
-        items = list(dict.fromkeys(rows["item_id"]))
-        scorer = Scorer(self.checkpoint, users, self.cache.features([self.data.user_texts.get(u, "") for u in users]),
-                        items, self.cache.features([self.data.item_texts.get(i, "") for i in items]))
+        texts = CatalogTexts({u: self.data.user_texts.get(u, "") for u in rows["user_id"]},
+                             {i: self.data.item_texts.get(i, "") for i in rows["item_id"]})
+        scorer = Scorer.from_checkpoint(self.checkpoint, self.cache, texts)
         return scorer.predict(rows["user_id"].tolist(), rows["item_id"].tolist())
 
 

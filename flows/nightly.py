@@ -1,10 +1,14 @@
 """The `nightly-retrain` flow:
 
-    ingest -> validate -> window -> fine-tune -> evaluate -> register + gate -> report
+    ingest -> validate and curate -> load encoder, champion, curated data (once)
+        -> window -> fine-tune -> evaluate -> register + gate -> report
+
+The flow loads the heavy things once and hands them to the stages as values.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llmrec")
@@ -12,39 +16,69 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llmrec")
 from prefect import flow  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
-from llmrec import nightly  # noqa: E402
-from llmrec.config import NightlyConfig  # noqa: E402
-from tasks import nightly as t  # noqa: E402
+from llmrec import registry  # noqa: E402
+from llmrec.config import Home, NightlyConfig  # noqa: E402
+from llmrec.encoder import TextCache  # noqa: E402
+from llmrec.lock import exclusive  # noqa: E402
+from llmrec.report import run_report  # noqa: E402
+from tasks import stages as t  # noqa: E402
+
+# One line per stage, on the console and in the Prefect UI; the stages' own INFO logs and
+# the full report stay in the UI, the MLflow run and the artifact.
+progress = logging.getLogger("llmrec.progress")
+progress.setLevel(logging.INFO)
 
 
-@flow(name="nightly-retrain", log_prints=True, persist_result=False)
+@flow(name="nightly-retrain", persist_result=False)
 def nightly_retrain(config: NightlyConfig = NightlyConfig()) -> dict:
     """Ingest tonight's landing files, fine-tune the champion on them, and promote the
     challenger only if no gated metric regressed."""
-    with nightly.exclusive(config):
-        return run_stages(config, nightly.new_run_name())
+    home = Home(config.home).ensure()
+    with exclusive(home):
+        return run_night(config, home, registry.new_run_name())
 
 
-def run_stages(config: NightlyConfig, run_name: str) -> dict:
-    batch = t.ingest(config)
-    curated = t.validate(config, batch)
+def run_night(config: NightlyConfig, home: Home, run_name: str) -> dict:
+    registry.configure(home, config.experiment)
+    batch = t.ingest(config.landing, home)
+    progress.info("%s ingest: %d new file(s), %d already ingested", run_name, len(batch.reads), batch.already_ingested)
+    curated = t.validate_and_curate(home, batch, config.fail_on_invalid)
+    progress.info("%s validate: %d event rows curated, %d quarantined (%d file(s))", run_name, curated.rows_curated,
+                  curated.rows_quarantined, len(curated.files_quarantined))
     if curated.rows_curated == 0:
         return finish(run_name, batch, curated, note="No new rows tonight: nothing trained, nothing registered.")
-    champion = t.find_champion(config)
-    window = t.window(config, champion)
+    text_encoder = t.load_encoder(config.model.encoder)
+    champion = t.load_champion(home, config.registered_model, text_encoder)
+    texts, events = t.read_curated(home)
+    cache = TextCache.for_model(home.cache, text_encoder, champion.model_config(config.model))
+    progress.info("%s load: champion %s, %d events, %d items", run_name,
+                  f"v{champion.version}" if champion.version else "none (first model)", len(events), len(texts.items))
+    window = t.window(home, events, champion.ingest_watermark, config)
+    progress.info("%s window: %d train rows (%d replayed), %d held out, %d anchor", run_name, len(window.train),
+                  window.replay_rows, len(window.held_out), len(window.anchor))
     if window.train.empty:
         return finish(run_name, batch, curated, window=window,
                       note="No training rows after holding out the evaluation rows: nothing registered.")
-    trained = t.fine_tune(config, window, champion, run_name)
-    metrics = t.evaluate(config, window, trained, champion)
-    registered = t.register(config, run_name, window, curated, trained, metrics, champion)
+    trained = t.fine_tune(champion, cache, texts, window, config, home, run_name)
+    progress.info("%s fine-tune: step %d -> %d, last epoch loss %.4f", run_name, trained.start_step,
+                  trained.global_step, trained.result.epoch_losses[-1])
+    metrics = t.evaluate(window, events, trained, champion, cache, texts, config)
+    held_out = metrics["challenger"].get("held_out", {})
+    progress.info("%s evaluate: held-out rmse %.4f, recall@%d %.4f", run_name, held_out.get("rmse", float("nan")),
+                  config.evaluation.k, held_out.get(f"recall_at_{config.evaluation.k}", float("nan")))
+    registered = t.register_and_gate(config, run_name, window, curated, trained, metrics, champion.version)
+    progress.info("%s register: version %s -> %s (%s)", run_name, registered.version, registered.decision.alias,
+                  registered.decision.reason)
     return finish(run_name, batch, curated, window, trained, metrics, registered)
 
 
 def finish(run_name, batch, curated, window=None, trained=None, metrics=None, registered=None, note="") -> dict:
-    report = nightly.run_report(run_name, batch, curated, window, trained, metrics, registered, note)
+    report = run_report(run_name, batch, curated, window, trained, metrics, registered, note)
     create_markdown_artifact(report, key="nightly-report", description=f"llmrec {run_name}")
-    print(report)
+    if registered is not None:
+        registry.log_report(registered.run_id, report)
+    if note:
+        progress.info("%s: %s", run_name, note)
     return {
         "run": run_name,
         "status": "registered" if registered else "skipped",

@@ -4,15 +4,23 @@ on a laptop CPU, and the layout of the state folder `LLMREC_HOME`."""
 from __future__ import annotations
 
 import importlib.resources
-import re
+import json
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from llmrec.errors import LlmrecError
 
 DEFAULT_ENCODER = "minilm"
 GATEABLE = re.compile(r"mse|rmse|mae|(recall|ndcg)_at_\d+")
+# The nightly schedule, in one place (the served deployment, prefect.yaml, the CLI default):
+# 01:30 exists exactly once on every day in Europe/Berlin; 02:00-02:59 is skipped on the
+# spring daylight-saving day and repeated on the autumn one.
+NIGHTLY_CRON = "30 1 * * *"
+NIGHTLY_TIMEZONE = "Europe/Berlin"
 
 
 def default_home() -> str:
@@ -183,6 +191,62 @@ class NightlyConfig(BaseModel):
                     f"gate on {metric.split('_at_')[0]}_at_{self.evaluation.k}"
                 )
         return self
+
+    @classmethod
+    def from_sources(cls, config_file: Path | None = None, sets: list[str] = (), **fields) -> "NightlyConfig":
+        """Defaults < JSON file < `--set KEY=VALUE` < explicit fields; see `load_config`."""
+        return load_config(cls, config_file, sets, **fields)
+
+
+def parse_sets(values: list[str]) -> dict:
+    """["training.epochs=5", 'gate.metrics=["rmse"]'] -> nested dict (values are JSON when
+    they parse as JSON, else strings)."""
+    out: dict = {}
+    for item in values:
+        if "=" not in item:
+            raise LlmrecError(f"--set {item!r}: expected KEY=VALUE, e.g. training.epochs=5")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """Merge `extra` into `base` in place, section by section; `extra` wins."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_config(model: type[BaseModel], config_file: Path | None = None, sets: list[str] = (), **fields):
+    """Layered configuration: defaults < JSON `config_file` < `--set` overrides < explicit
+    `fields` (None values are ignored). A mistake raises LlmrecError naming the field."""
+    values: dict = {}
+    if config_file is not None:
+        config_file = Path(config_file)
+        if not config_file.exists():
+            raise LlmrecError(f"--config {config_file}: file does not exist")
+        try:
+            values = json.loads(config_file.read_text())
+        except json.JSONDecodeError as error:
+            raise LlmrecError(f"--config {config_file}: not valid JSON ({error})") from error
+    deep_merge(values, parse_sets(list(sets)))
+    deep_merge(values, {key: value for key, value in fields.items() if value is not None})
+    try:
+        return model(**values)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
+        raise LlmrecError(f"invalid parameter(s): {problems}") from error
 
 
 class Home:

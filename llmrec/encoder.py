@@ -20,6 +20,7 @@ from torch import nn
 
 from llmrec.config import ModelConfig, resolve_encoder
 from llmrec.errors import LlmrecError
+from llmrec.files import replace_atomically
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -222,11 +223,7 @@ class TextCache:
 
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"part-{hashlib.sha256(''.join(sorted(new)).encode()).hexdigest()[:16]}.safetensors"
-        tmp = self.folder / f".{name}.tmp"
-        save_file(new, str(tmp))
-        os.replace(tmp, self.folder / name)
+        replace_atomically(self.folder / name, lambda tmp: save_file(new, str(tmp)))
         index = json.loads(self._index_path().read_text()) if self._index_path().exists() else {}
         index.update({key: name for key in new})
-        tmp_index = self.folder / ".index.json.tmp"
-        tmp_index.write_text(json.dumps(index))
-        os.replace(tmp_index, self._index_path())
+        replace_atomically(self._index_path(), lambda tmp: tmp.write_text(json.dumps(index)))

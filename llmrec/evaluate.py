@@ -14,9 +14,12 @@ import math
 import numpy as np
 import pandas as pd
 
+from llmrec.config import NightlyConfig
+from llmrec.encoder import TextCache
+from llmrec.model import Checkpoint
+from llmrec.schema import CatalogTexts
 from llmrec.scoring import Scorer
-
-PARTS = ("held_out", "anchor")
+from llmrec.window import Window, without
 
 
 def rating_metrics(truth: np.ndarray, prediction: np.ndarray) -> dict[str, float]:
@@ -65,7 +68,7 @@ def evaluate(scorer: Scorer, rows: pd.DataFrame, trained_pairs: pd.DataFrame, k:
     are excluded from the candidates. For a bce model the rating metrics compare the
     predicted probability with the 0/1 label."""
     truth = rows["rating"].to_numpy(dtype=np.float64)
-    if scorer.loss == "bce":
+    if scorer.loss_kind == "bce":
         truth = (truth >= positive_threshold).astype(np.float64)
     metrics = rating_metrics(truth, scorer.predict(rows["user_id"].tolist(), rows["item_id"].tolist()))
     relevant = rows.loc[rows["rating"] >= relevant_rating, ["user_id", "item_id"]]
@@ -79,3 +82,30 @@ def evaluate(scorer: Scorer, rows: pd.DataFrame, trained_pairs: pd.DataFrame, k:
 def global_mean_metrics(mean: float, rows: pd.DataFrame) -> dict[str, float]:
     truth = rows["rating"].to_numpy(dtype=np.float64)
     return rating_metrics(truth, np.full(len(truth), mean))
+
+
+def evaluate_models(window: Window, events: pd.DataFrame, challenger: Checkpoint, champion: Checkpoint | None,
+                    cache: TextCache, texts: CatalogTexts, config: NightlyConfig) -> dict:
+    """Score challenger and champion on the same held-out rows, plus the global-mean
+    predictor: {"challenger": {part: metrics}, "champion": ... or None, "global_mean": ...}.
+    Candidates for ranking exclude every pair in `events` outside the part itself."""
+    parts = {"held_out": window.held_out, "anchor": window.anchor}
+    eval_rows = pd.concat(parts.values(), ignore_index=True)
+
+    def metrics_of(checkpoint: Checkpoint) -> dict:
+        scorer = Scorer.from_checkpoint(checkpoint, cache, texts, eval_rows)
+        out = {}
+        for part, rows in parts.items():
+            if rows.empty:
+                continue
+            trained_pairs = without(events, rows)[["user_id", "item_id"]]
+            out[part] = evaluate(scorer, rows, trained_pairs, config.evaluation.k, config.evaluation.relevant_rating,
+                                 config.training.positive_threshold)
+        return out
+
+    mean = float(window.train["rating"].mean()) if len(window.train) else 3.0
+    return {
+        "challenger": metrics_of(challenger),
+        "champion": metrics_of(champion) if champion is not None else None,
+        "global_mean": {part: global_mean_metrics(mean, rows) for part, rows in parts.items() if not rows.empty},
+    }

@@ -15,8 +15,8 @@ from mlflow.models import EvaluationResult, MetricThreshold
 from mlflow.models.evaluation.validation import ModelValidationFailedException
 
 from llmrec.config import GateConfig
+from llmrec.window import PARTS
 
-PARTS = ("held_out", "anchor")
 ERROR_METRICS = ("mse", "rmse", "mae")
 # Smallest margin MLflow accepts for min_absolute_change (it must be > 0): "strictly better".
 STRICT = 1e-12

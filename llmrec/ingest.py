@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +24,10 @@ import pyarrow.parquet as pq
 
 from llmrec.config import Home
 from llmrec.errors import LlmrecError
-from llmrec.schema import EVENTS, ITEMS, KINDS, USERS, empty_events
+from llmrec.files import replace_atomically
+from llmrec.schema import EVENTS, ITEMS, KINDS, USERS, CatalogTexts, empty_events, render_text
+
+log = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -73,6 +76,34 @@ class Discovery:
     new: list[LandingFile]
     changed: list[dict]
     already_ingested: int
+
+
+@dataclass
+class IngestResult:
+    """Tonight's new landing files, read, and what was found changed since ingestion."""
+
+    reads: list[LandingRead]
+    changed: list[dict]
+    already_ingested: int
+
+    def summary(self) -> dict:
+        return {
+            "new_files": len(self.reads),
+            "already_ingested": self.already_ingested,
+            "changed_after_ingestion": self.changed,
+        }
+
+
+def ingest(landing: str, home: Home) -> IngestResult:
+    """Find and read the landing files not yet in the manifest."""
+    fs, files = list_landing(landing)
+    found = discover(fs, files, read_manifest(home))
+    for change in found.changed:
+        log.warning("%s changed after it was ingested (checksum %s, now %s); it is not re-read",
+                    change["file"], change["ingested_checksum"][:12], change["checksum_now"][:12])
+    reads = [read_landing_file(fs, f) for f in found.new]
+    log.info("landing %s: %d new file(s), %d already ingested", landing, len(reads), found.already_ingested)
+    return IngestResult(reads=reads, changed=found.changed, already_ingested=found.already_ingested)
 
 
 def open_landing(landing: str) -> tuple[pafs.FileSystem, str]:
@@ -154,10 +185,7 @@ def next_ingest_seq(manifest: pd.DataFrame) -> int:
 
 
 def write_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def manifest_entry(read: LandingRead, status: str, seq: int, quarantine_path: str | None = None) -> dict:
@@ -226,6 +254,11 @@ def read_events(home: Home) -> pd.DataFrame:
     columns = [c for c in dataset.schema.names if c != "date"]
     frame = dataset.to_table(columns=columns).to_pandas()
     return frame.sort_values(["timestamp", "user_id", "item_id"], kind="stable").reset_index(drop=True)
+
+
+def read_catalog_texts(home: Home) -> CatalogTexts:
+    return CatalogTexts(users=render_text(read_catalog(home, USERS), "user_id").to_dict(),
+                        items=render_text(read_catalog(home, ITEMS), "item_id").to_dict())
 
 
 def read_catalog(home: Home, kind: str) -> pd.DataFrame:

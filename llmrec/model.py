@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from torch import nn
 
 from llmrec.config import ModelConfig
 from llmrec.encoder import Encoder, TextFeatures, mean_pool, run_layers
+from llmrec.files import replace_atomically
 
 UNKNOWN = 0
 FORMAT_VERSION = 1
@@ -126,8 +125,25 @@ class Checkpoint:
     global_step: int = 0
     ingest_watermark: int = 0
     max_event_time: str | None = None
-    loss: str = "mse"
+    loss_kind: str = "mse"
     history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Champion:
+    """The model in production that tonight's run resumes from and is compared with: its
+    registered version and checkpoint, or neither before the first model."""
+
+    version: str | None = None
+    checkpoint: Checkpoint | None = None
+
+    @property
+    def ingest_watermark(self) -> int:
+        return self.checkpoint.ingest_watermark if self.checkpoint is not None else 0
+
+    def model_config(self, default: ModelConfig) -> ModelConfig:
+        """The config tonight's challenger has: the champion's (resuming keeps it), else `default`."""
+        return self.checkpoint.config if self.checkpoint is not None else default
 
 
 def top_layers_of(encoder: Encoder, config: ModelConfig) -> nn.ModuleList:
@@ -188,21 +204,12 @@ def save(checkpoint: Checkpoint, folder: Path, vectors: dict[str, torch.Tensor] 
     """Write the checkpoint atomically: build it in a temp folder, then rename."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     state = {k: v.detach().contiguous() for k, v in checkpoint.model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"))
     moments = {
         f"{name}::{key}": value.detach().contiguous()
         for name, entry in checkpoint.optimizer_state.items()
         for key, value in entry.items()
     }
-    save_file(moments, str(tmp / "optimizer.safetensors"))
-    if vectors is not None:
-        save_file({k: v.detach().float().contiguous() for k, v in vectors.items()}, str(tmp / "vectors.safetensors"))
     meta = {
         "format_version": FORMAT_VERSION,
         "model_config": checkpoint.config.model_dump(),
@@ -212,15 +219,20 @@ def save(checkpoint: Checkpoint, folder: Path, vectors: dict[str, torch.Tensor] 
         "global_step": checkpoint.global_step,
         "ingest_watermark": checkpoint.ingest_watermark,
         "max_event_time": checkpoint.max_event_time,
-        "loss": checkpoint.loss,
+        "loss_kind": checkpoint.loss_kind,
         "history": checkpoint.history,
         "vector_ids": vector_ids or {},
     }
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
+        save_file(state, str(tmp / "model.safetensors"))
+        save_file(moments, str(tmp / "optimizer.safetensors"))
+        if vectors is not None:
+            save_file({k: v.detach().float().contiguous() for k, v in vectors.items()}, str(tmp / "vectors.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+
+    return replace_atomically(folder, write)
 
 
 def read_state(folder: Path) -> dict:
@@ -265,43 +277,13 @@ def load(folder: Path, encoder: Encoder) -> Checkpoint:
         global_step=int(meta["global_step"]),
         ingest_watermark=int(meta["ingest_watermark"]),
         max_event_time=meta["max_event_time"],
-        loss=meta.get("loss", "mse"),
+        loss_kind=meta.get("loss_kind", meta.get("loss", "mse")),
         history=list(meta.get("history", [])),
     )
 
 
-class VectorPredictor:
-    """Serving-time scorer over the vectors stored in a checkpoint: no encoder needed.
-    An id not in the stored catalog falls back to the mean and the other side's bias."""
-
-    def __init__(self, folder: Path):
-        from safetensors.torch import load_file
-
-        meta = read_state(folder)
-        tensors = load_file(str(Path(folder) / "vectors.safetensors"))
-        self.loss = meta.get("loss", "mse")
-        self.mu = float(tensors["mu"])
-        self.user_vectors = tensors["user_vectors"].numpy()
-        self.user_bias = tensors["user_bias"].numpy()
-        self.item_vectors = tensors["item_vectors"].numpy()
-        self.item_bias = tensors["item_bias"].numpy()
-        self.user_index = {u: i for i, u in enumerate(meta["vector_ids"]["users"])}
-        self.item_index = {v: i for i, v in enumerate(meta["vector_ids"]["items"])}
-
-    def predict(self, user_ids, item_ids) -> np.ndarray:
-        users = np.array([self.user_index.get(str(u), -1) for u in user_ids])
-        items = np.array([self.item_index.get(str(i), -1) for i in item_ids])
-        known_u, known_i = users >= 0, items >= 0
-        score = np.full(len(users), self.mu, dtype=np.float64)
-        score[known_u] += self.user_bias[users[known_u]]
-        score[known_i] += self.item_bias[items[known_i]]
-        both = known_u & known_i
-        score[both] += np.einsum("ij,ij->i", self.user_vectors[users[both]], self.item_vectors[items[both]])
-        return output_transform(score, self.loss)
-
-
-def output_transform(score, loss: str):
+def output_transform(score, loss_kind: str):
     """What a prediction means: a rating for mse, a probability of a positive for bce."""
-    if loss == "bce":
+    if loss_kind == "bce":
         return 1.0 / (1.0 + np.exp(-score)) if isinstance(score, np.ndarray) else torch.sigmoid(score)
     return score

@@ -11,15 +11,15 @@ from mlflow.pyfunc import PythonModel
 
 class LlmrecPyfunc(PythonModel):
     def load_context(self, context):
-        from llmrec.model import VectorPredictor
+        from llmrec.scoring import Scorer
 
-        self.predictor = VectorPredictor(context.artifacts["checkpoint"])
+        self.scorer = Scorer.load(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         missing = {"user_id", "item_id"} - set(model_input.columns)
         if missing:
             raise ValueError(f"input is missing column(s) {sorted(missing)}; expected user_id, item_id")
-        scores = self.predictor.predict(model_input["user_id"].astype(str), model_input["item_id"].astype(str))
+        scores = self.scorer.predict(model_input["user_id"].astype(str), model_input["item_id"].astype(str))
         return pd.DataFrame({"prediction": scores})
 
 

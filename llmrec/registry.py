@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow
@@ -18,9 +20,11 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
 
-from llmrec.config import Home
+from llmrec import model as llmrec_model
+from llmrec.config import Home, NightlyConfig
+from llmrec.encoder import Encoder
 from llmrec.errors import LlmrecError
-from llmrec.gate import Decision
+from llmrec.gate import Decision, decide
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 # Error codes MLflow uses for "no such registered model / alias / version".
@@ -104,6 +108,18 @@ def download_checkpoint(info: ModelVersionInfo, dest: Path) -> Path:
         artifact_uri=f"{uri}/{artifacts['checkpoint']['path']}", dst_path=str(dest)
     )
     return Path(local)
+
+
+def load_champion(home: Home, name: str, encoder: Encoder) -> llmrec_model.Champion:
+    """The version aliased `champion` and its checkpoint, downloaded once per version into
+    `home/runs/champion-vN` and loaded once; no champion before the first model."""
+    info = get_alias(name, CHAMPION)
+    if info is None:
+        return llmrec_model.Champion()
+    target = home.runs / f"champion-v{info.version}"
+    cached = next(target.rglob("state.json"), None) if target.exists() else None
+    local = cached.parent if cached is not None else download_checkpoint(info, target)
+    return llmrec_model.Champion(version=info.version, checkpoint=llmrec_model.load(local, encoder))
 
 
 def log_model_version(
@@ -242,3 +258,77 @@ def version_history(name: str) -> pd.DataFrame:
     ]
     rows.sort(key=lambda row: int(row["version"]))
     return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+
+
+PIP_REQUIREMENTS = ["numpy", "pandas", "safetensors", "torch", "mlflow"]
+PYFUNC_MODEL = Path(__file__).with_name("pyfunc_model.py")
+
+
+def new_run_name() -> str:
+    return datetime.now(timezone.utc).strftime("nightly-%Y%m%dT%H%M%S") + f"-{time.perf_counter_ns() % 10000:04d}"
+
+
+def flat_params(config: NightlyConfig) -> dict[str, object]:
+    out = {"landing": config.landing, "fail_on_invalid": config.fail_on_invalid}
+    for section in ("model", "training", "evaluation", "gate"):
+        for key, value in getattr(config, section).model_dump().items():
+            out[f"{section}.{key}"] = value if not isinstance(value, list) else ",".join(map(str, value))
+    return out
+
+
+def flat_metrics(metrics: dict) -> dict[str, float]:
+    """{"challenger.held_out.rmse": ..., "diff.held_out.rmse": ...} for MLflow."""
+    flat = {}
+    for who in ("challenger", "champion", "global_mean"):
+        for part, values in (metrics.get(who) or {}).items():
+            for name, value in values.items():
+                flat[f"{who}.{part}.{name}"] = value
+    for part, values in (metrics.get("champion") or {}).items():
+        for name, value in values.items():
+            challenger = metrics["challenger"].get(part, {}).get(name)
+            if challenger is not None:
+                flat[f"diff.{part}.{name}"] = challenger - value
+    return {k: v for k, v in flat.items() if v == v}
+
+
+@dataclass
+class Registered:
+    version: str
+    run_id: str
+    decision: Decision
+    description: str
+
+
+def register_and_gate(config: NightlyConfig, run_name: str, window, curated, trained, metrics: dict,
+                      champion_version: str | None) -> Registered:
+    """Log the run to MLflow, register the challenger as a new version and apply the
+    promotion gate to it."""
+    decision = decide(metrics["challenger"], metrics["champion"], metrics["global_mean"], config.gate)
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.log_params(flat_params(config))
+        for epoch, loss in enumerate(trained.result.epoch_losses):
+            mlflow.log_metric("train_loss", loss, step=epoch)
+        mlflow.log_metrics(flat_metrics(metrics))
+        mlflow.log_metrics({"train_ratings_per_second": trained.result.ratings_per_second,
+                            "global_step": trained.global_step})
+        mlflow.log_dict(curated.validation, "validation/results.json")
+        mlflow.log_text(curated.validation_markdown, "validation/report.md")
+        mlflow.log_dict(window.summary(), "window.json")
+        mlflow.log_dict(decision.to_dict(), "decision.json")
+        mlflow.set_tags({"resumed_from": trained.resumed_from or "pretrained", "ingest_seq": curated.ingest_seq,
+                         "decision": "promoted" if decision.promote else "rejected"})
+        example = window.held_out.head(5) if len(window.held_out) else window.train.head(5)
+        input_example = example[["user_id", "item_id"]].reset_index(drop=True)
+        output_example = pd.DataFrame({"prediction": trained.scorer.predict(input_example["user_id"], input_example["item_id"])})
+        version = log_model_version(config.registered_model, trained.checkpoint_dir, str(PYFUNC_MODEL),
+                                    input_example, output_example, PIP_REQUIREMENTS,
+                                    code_paths=[str(PYFUNC_MODEL.parent)])
+    summary = window.summary() | {"global_step": trained.global_step, "resumed_from": trained.resumed_from}
+    description = describe_version(summary, metrics["challenger"], metrics["champion"], champion_version, decision)
+    apply_decision(config.registered_model, version, decision, description)
+    return Registered(version=version, run_id=run.info.run_id, decision=decision, description=description)
+
+
+def log_report(run_id: str, report: str) -> None:
+    """The nightly markdown report, beside the run it describes."""
+    MlflowClient().log_text(run_id, report, "report.md")

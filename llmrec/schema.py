@@ -14,6 +14,8 @@ encoder reads (see `render_text`), so adding a column to the catalog needs no co
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 import pyarrow as pa
 
@@ -75,3 +77,11 @@ def render_text(frame: pd.DataFrame, id_column: str) -> pd.Series:
         return "; ".join(parts)
 
     return pd.Series([one(r) for _, r in frame.iterrows()], index=frame[id_column].values, dtype=object)
+
+
+@dataclass
+class CatalogTexts:
+    """The text each user and each item is encoded from, by id."""
+
+    users: dict[str, str]
+    items: dict[str, str]

@@ -3,12 +3,15 @@ users, so ranking the whole catalog never loops over items in Python."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
 
-from llmrec.encoder import TextFeatures
-from llmrec.model import Checkpoint, output_transform
+from llmrec.encoder import TextCache, TextFeatures
+from llmrec.model import Checkpoint, output_transform, read_state
+from llmrec.schema import CatalogTexts
 
 CHUNK = 4096
 
@@ -29,20 +32,51 @@ def side_vectors(checkpoint: Checkpoint, rows: np.ndarray, features: TextFeature
 
 
 class Scorer:
-    """User and item vectors for a set of ids. An id outside the checkpoint's vocabulary
-    uses the unknown row, so its score comes from its text and the mean."""
+    """The one scoring formula, r = mu + b_u + b_i + <v_u, v_i>, over precomputed user and
+    item vectors: evaluation, the registered pyfunc, benchmarks and serving all score here.
+    An id without a vector scores as if its vector and bias were zero (mean plus the other
+    side's bias); build the scorer with every id you need to score from its text."""
 
-    def __init__(self, checkpoint: Checkpoint, user_ids: list[str], user_features: TextFeatures,
-                 item_ids: list[str], item_features: TextFeatures):
-        checkpoint.model.eval()
-        self.loss = checkpoint.loss
-        self.mu = float(checkpoint.model.mu.detach())
+    def __init__(self, mu: float, user_ids: list[str], user_vectors: torch.Tensor, user_bias: torch.Tensor,
+                 item_ids: list[str], item_vectors: torch.Tensor, item_bias: torch.Tensor, loss_kind: str = "mse"):
+        self.mu = float(mu)
+        self.loss_kind = loss_kind
         self.user_ids = list(user_ids)
         self.item_ids = list(item_ids)
         self.user_index = {u: i for i, u in enumerate(self.user_ids)}
         self.item_index = {v: i for i, v in enumerate(self.item_ids)}
-        self.user_vectors, self.user_bias = side_vectors(checkpoint, checkpoint.users.rows(self.user_ids), user_features, True)
-        self.item_vectors, self.item_bias = side_vectors(checkpoint, checkpoint.items.rows(self.item_ids), item_features, False)
+        self.user_vectors, self.user_bias = user_vectors.float(), user_bias.float()
+        self.item_vectors, self.item_bias = item_vectors.float(), item_bias.float()
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, cache: TextCache, texts: CatalogTexts,
+                        extra: pd.DataFrame | None = None) -> "Scorer":
+        """Vectors for every user and item the checkpoint knows or the catalog lists, plus
+        the ids in `extra` (user_id, item_id columns), each through the model's towers."""
+        checkpoint.model.eval()
+        users = dict.fromkeys(checkpoint.users.ids[1:]) | dict.fromkeys(texts.users)
+        items = dict.fromkeys(checkpoint.items.ids[1:]) | dict.fromkeys(texts.items)
+        if extra is not None:
+            users |= dict.fromkeys(extra["user_id"])
+            items |= dict.fromkeys(extra["item_id"])
+        user_ids, item_ids = list(users), list(items)
+        user_vectors, user_bias = side_vectors(checkpoint, checkpoint.users.rows(user_ids),
+                                               cache.features([texts.users.get(u, "") for u in user_ids]), True)
+        item_vectors, item_bias = side_vectors(checkpoint, checkpoint.items.rows(item_ids),
+                                               cache.features([texts.items.get(i, "") for i in item_ids]), False)
+        return cls(float(checkpoint.model.mu.detach()), user_ids, user_vectors, user_bias,
+                   item_ids, item_vectors, item_bias, checkpoint.loss_kind)
+
+    @classmethod
+    def load(cls, folder: Path) -> "Scorer":
+        """The serving vectors stored in a checkpoint folder (no encoder needed)."""
+        from safetensors.torch import load_file
+
+        meta = read_state(folder)
+        tensors = load_file(str(Path(folder) / "vectors.safetensors"))
+        return cls(float(tensors["mu"]), meta["vector_ids"]["users"], tensors["user_vectors"], tensors["user_bias"],
+                   meta["vector_ids"]["items"], tensors["item_vectors"], tensors["item_bias"],
+                   meta.get("loss_kind", meta.get("loss", "mse")))
 
     def vectors(self) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
         tensors = {
@@ -54,14 +88,21 @@ class Scorer:
         }
         return tensors, {"users": self.user_ids, "items": self.item_ids}
 
+    @staticmethod
+    def _lookup(index: dict, vectors: torch.Tensor, bias: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.as_tensor([index.get(i, -1) for i in ids], dtype=torch.long)
+        known = rows >= 0
+        vec, b = torch.zeros(len(rows), vectors.shape[1]), torch.zeros(len(rows))
+        vec[known], b[known] = vectors[rows[known]], bias[rows[known]]
+        return vec, b
+
     def raw_scores(self, user_ids, item_ids) -> torch.Tensor:
-        users = torch.as_tensor([self.user_index[u] for u in user_ids], dtype=torch.long)
-        items = torch.as_tensor([self.item_index[i] for i in item_ids], dtype=torch.long)
-        dot = (self.user_vectors[users] * self.item_vectors[items]).sum(-1)
-        return self.mu + self.user_bias[users] + self.item_bias[items] + dot
+        user_vec, user_bias = self._lookup(self.user_index, self.user_vectors, self.user_bias, user_ids)
+        item_vec, item_bias = self._lookup(self.item_index, self.item_vectors, self.item_bias, item_ids)
+        return self.mu + user_bias + item_bias + (user_vec * item_vec).sum(-1)
 
     def predict(self, user_ids, item_ids) -> np.ndarray:
-        return output_transform(self.raw_scores(user_ids, item_ids).double().numpy(), self.loss)
+        return output_transform(self.raw_scores(user_ids, item_ids).double().numpy(), self.loss_kind)
 
     def top_k(self, user_ids: list[str], k: int, exclude: pd.DataFrame | None = None) -> pd.DataFrame:
         """Top-k items for each user over all items, skipping (user_id, item_id) pairs in

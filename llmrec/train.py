@@ -1,22 +1,29 @@
-"""The training loop, in one readable function, and resuming it night after night."""
+"""The training loop, in one readable function, and the fine-tune stage that resumes it
+night after night from the champion."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from llmrec.config import TrainingConfig
+from llmrec.config import ModelConfig, TrainingConfig
 from llmrec.encoder import TextCache, TextFeatures
-from llmrec.model import Checkpoint, grow
+from llmrec.model import Champion, Checkpoint, grow, new_checkpoint, save
+from llmrec.schema import CatalogTexts
+from llmrec.scoring import Scorer
+from llmrec.window import Window
 
 log = logging.getLogger(__name__)
 
@@ -114,33 +121,8 @@ def train(
         total, seen = 0.0, 0
         for first in range(0, len(order), config.batch_size):
             batch = order[first : first + config.batch_size]
-            batch_users, user_pos = torch.unique(users[batch], return_inverse=True)
-            batch_items, item_pos = torch.unique(items[batch], return_inverse=True)
-            user_in = to_device(user_features.take(batch_users), device)
-            item_in = to_device(item_features.take(batch_items), device)
-            target = targets[batch].to(device)
-            with autocast:
-                user_vec, user_bias = model.side(batch_users.to(device), model.encode(user_in), user=True)
-                item_vec, item_bias = model.side(batch_items.to(device), model.encode(item_in), user=False)
-                score = model.score(user_vec[user_pos.to(device)], user_bias[user_pos.to(device)],
-                                    item_vec[item_pos.to(device)], item_bias[item_pos.to(device)]).float()
-            if config.loss == "bce":
-                loss = nn.functional.binary_cross_entropy_with_logits(score, target)
-            else:
-                loss = nn.functional.mse_loss(score, target)
-            fit_loss = loss
-            if config.ranking_weight:
-                positive = targets[batch] >= (0.5 if config.loss == "bce" else config.positive_threshold)
-                if bool(positive.any()):
-                    rank_loss = ranking_loss(model, item_features, user_vec[user_pos.to(device)][positive.to(device)],
-                                             item_vec, item_bias, item_pos[positive].to(device), config, generator, device)
-                    loss = loss + config.ranking_weight * rank_loss
-            if config.l2:
-                # Per-rating L2 on the vectors and biases used, as in biased matrix factorisation:
-                # without it the id embeddings of users with few ratings overfit within an epoch.
-                penalty = (user_vec.float().pow(2).sum(-1)[user_pos.to(device)] + item_vec.float().pow(2).sum(-1)[item_pos.to(device)]
-                           + user_bias.float().pow(2)[user_pos.to(device)] + item_bias.float().pow(2)[item_pos.to(device)])
-                loss = loss + config.l2 * penalty.mean()
+            loss, fit_loss = batch_loss(model, user_features, item_features, users[batch], items[batch],
+                                        targets[batch], config, generator, device, autocast)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -158,8 +140,48 @@ def train(
     result.seconds = time.perf_counter() - start
     checkpoint.model = model.cpu().eval()
     checkpoint.optimizer_state = export_optimizer_state(checkpoint.model, optimizer)
-    checkpoint.loss = config.loss
+    checkpoint.loss_kind = config.loss
     return result
+
+
+def batch_loss(model, user_features: TextFeatures, item_features: TextFeatures, users: torch.Tensor,
+               items: torch.Tensor, targets: torch.Tensor, config: TrainingConfig, generator: torch.Generator,
+               device: torch.device, autocast=nullcontext()) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of one batch of (user row, item row, target) and its rating part alone (the
+    figure reported per epoch). The distinct users and items of the batch are encoded once,
+    then every rating is scored from those vectors:
+
+        rating loss (MSE on ratings, or BCE on 0/1 labels)
+        + ranking_weight x sampled softmax over catalog items, for the positive rows
+        + l2 x per-rating squared norm of the vectors and biases used
+
+    Only the forward pass runs under `autocast` (bf16 on CUDA); the losses are float32.
+    """
+    batch_users, user_pos = torch.unique(users, return_inverse=True)
+    batch_items, item_pos = torch.unique(items, return_inverse=True)
+    user_pos, item_pos, target = user_pos.to(device), item_pos.to(device), targets.to(device)
+    with autocast:
+        user_vec, user_bias = model.side(batch_users.to(device), model.encode(to_device(user_features.take(batch_users), device)), user=True)
+        item_vec, item_bias = model.side(batch_items.to(device), model.encode(to_device(item_features.take(batch_items), device)), user=False)
+        user_vec, user_bias = user_vec[user_pos], user_bias[user_pos]
+        score = model.score(user_vec, user_bias, item_vec[item_pos], item_bias[item_pos]).float()
+    if config.loss == "bce":
+        fit_loss = nn.functional.binary_cross_entropy_with_logits(score, target)
+    else:
+        fit_loss = nn.functional.mse_loss(score, target)
+    loss = fit_loss
+    if config.ranking_weight:
+        positive = target >= (0.5 if config.loss == "bce" else config.positive_threshold)
+        if bool(positive.any()):
+            loss = loss + config.ranking_weight * ranking_loss(model, item_features, user_vec[positive], item_vec,
+                                                               item_bias, item_pos[positive], config, generator, device)
+    if config.l2:
+        # Per-rating L2 on the vectors and biases used, as in biased matrix factorisation:
+        # without it the id embeddings of users with few ratings overfit within an epoch.
+        penalty = (user_vec.float().pow(2).sum(-1) + item_vec.float().pow(2).sum(-1)[item_pos]
+                   + user_bias.float().pow(2) + item_bias.float().pow(2)[item_pos])
+        loss = loss + config.l2 * penalty.mean()
+    return loss, fit_loss
 
 
 def ranking_loss(model, item_features: TextFeatures, user_vec: torch.Tensor, item_vec: torch.Tensor,
@@ -189,33 +211,25 @@ def to_device(features: TextFeatures, device: torch.device) -> TextFeatures:
     )
 
 
-def text_features(cache: TextCache, ids: list[str], texts: dict[str, str]) -> TextFeatures:
-    """Frozen-encoder features for ids, in order; an id without a catalog row reads as
-    empty text, which the encoder still maps to a vector."""
-    return cache.features([texts.get(i, "") for i in ids])
-
-
 def fit(
     checkpoint: Checkpoint,
     cache: TextCache,
     train_rows: pd.DataFrame,
-    user_texts: dict[str, str],
-    item_texts: dict[str, str],
+    texts: CatalogTexts,
     config: TrainingConfig,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> tuple[TrainResult, dict[str, int]]:
-    """Grow the vocabularies with the ids in `train_rows`, then train on them."""
+    """Grow the vocabularies with the ids in `train_rows`, then train on them. An id without
+    a catalog row reads as empty text, which the encoder still maps to a vector."""
     first_run = checkpoint.global_step == 0
     added_users, added_items = grow(checkpoint, train_rows["user_id"].unique(), train_rows["item_id"].unique(), config.seed)
     if first_run and config.loss == "mse" and len(train_rows):
         with torch.no_grad():
             checkpoint.model.mu.fill_(float(train_rows["rating"].mean()))
-    user_features = text_features(cache, checkpoint.users.ids, user_texts)
-    item_features = text_features(cache, checkpoint.items.ids, item_texts)
     result = train(
         checkpoint,
-        user_features,
-        item_features,
+        cache.features([texts.users.get(u, "") for u in checkpoint.users.ids]),
+        cache.features([texts.items.get(i, "") for i in checkpoint.items.ids]),
         checkpoint.users.rows(train_rows["user_id"].tolist()),
         checkpoint.items.rows(train_rows["item_id"].tolist()),
         train_rows["rating"].to_numpy(dtype=np.float32),
@@ -224,3 +238,49 @@ def fit(
     )
     return result, {"added_users": added_users, "added_items": added_items,
                     "users": len(checkpoint.users) - 1, "items": len(checkpoint.items) - 1}
+
+
+@dataclass
+class Trained:
+    """Tonight's challenger: the checkpoint (in memory and saved), its serving vectors and
+    how training went."""
+
+    checkpoint: Checkpoint
+    checkpoint_dir: Path
+    scorer: Scorer
+    result: TrainResult
+    vocab: dict
+    resumed_from: str | None
+    start_step: int
+
+    @property
+    def global_step(self) -> int:
+        return self.checkpoint.global_step
+
+
+def fine_tune(champion: Champion, cache: TextCache, texts: CatalogTexts, window: Window, model_config: ModelConfig,
+              config: TrainingConfig, out_dir: Path, run_name: str,
+              on_epoch: Callable[[int, float], None] | None = None) -> Trained:
+    """Resume a copy of the champion (or start from `cache.encoder` with `model_config`),
+    grow its vocabularies, train on the window, and save the challenger checkpoint with its
+    serving vectors into `out_dir`. The champion itself is left as it was, for the
+    comparison. `cache` holds the frozen-encoder outputs for the champion's config (see
+    `Champion.model_config`)."""
+    if champion.checkpoint is not None:
+        checkpoint = copy.deepcopy(champion.checkpoint)
+        if checkpoint.config.model_dump() != model_config.model_dump():
+            log.warning("model config differs from the champion's; resuming keeps the champion's %s",
+                        checkpoint.config.model_dump())
+    else:
+        checkpoint = new_checkpoint(cache.encoder, model_config, config.seed)
+    start_step = checkpoint.global_step
+    result, vocab = fit(checkpoint, cache, window.train, texts, config, on_epoch)
+    checkpoint.ingest_watermark = window.watermark
+    last = pd.concat([window.train["timestamp"], window.held_out["timestamp"]]).max()
+    checkpoint.max_event_time = pd.Timestamp(last).isoformat()
+    checkpoint.history.append({"run": run_name, "trained_at": datetime.now(timezone.utc).isoformat(),
+                               "train_rows": len(window.train), "steps": result.steps, "epoch_losses": result.epoch_losses})
+    scorer = Scorer.from_checkpoint(checkpoint, cache, texts)
+    folder = save(checkpoint, out_dir, *scorer.vectors())
+    return Trained(checkpoint=checkpoint, checkpoint_dir=folder, scorer=scorer, result=result, vocab=vocab,
+                   resumed_from=champion.version, start_step=start_step)

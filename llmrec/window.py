@@ -14,10 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
-from llmrec.config import EvaluationConfig, TrainingConfig
+from llmrec.config import EvaluationConfig, Home, TrainingConfig
+from llmrec.ingest import write_atomic
 
 KEY = ["user_id", "item_id", "timestamp"]
+# The parts every model is evaluated on, in report order.
+PARTS = ("held_out", "anchor")
 
 
 @dataclass
@@ -27,6 +31,9 @@ class Window:
     anchor: pd.DataFrame
     new_rows: int
     replay_rows: int
+    # The newest ingest sequence among the events the window was cut from: a model trained
+    # on it has seen everything up to here.
+    watermark: int = 0
 
     def summary(self) -> dict:
         return {
@@ -76,4 +83,15 @@ def split(events: pd.DataFrame, watermark: int, anchor: pd.DataFrame | None,
     replay = without(drawn, anchor).iloc[:wanted]
     train = pd.concat([new_train, replay], ignore_index=True)
     return Window(train=train.reset_index(drop=True), held_out=held_out.reset_index(drop=True),
-                  anchor=anchor.reset_index(drop=True), new_rows=len(new), replay_rows=len(replay))
+                  anchor=anchor.reset_index(drop=True), new_rows=len(new), replay_rows=len(replay),
+                  watermark=int(events["_ingest_seq"].max()) if len(events) else watermark)
+
+
+def prepare_window(home: Home, events: pd.DataFrame, watermark: int, training: TrainingConfig,
+                   evaluation: EvaluationConfig) -> Window:
+    """Tonight's window, with the anchor set drawn on the first night and kept in `home`."""
+    anchor = pd.read_parquet(home.anchor) if home.anchor.exists() else None
+    window = split(events, watermark, anchor, training, evaluation)
+    if anchor is None and len(window.anchor):
+        write_atomic(pa.Table.from_pandas(window.anchor, preserve_index=False), home.anchor)
+    return window

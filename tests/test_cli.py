@@ -6,7 +6,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from llmrec.cli import app
+from app.cli import app
 
 runner = CliRunner()
 
@@ -49,7 +49,7 @@ def test_bad_nightly_parameters(args, needle, tmp_path):
 def test_missing_landing_exits_2_from_the_real_console_script(tmp_path):
     # Run as a user would; the flow fails on the landing folder before any training.
     proc = subprocess.run(
-        [sys.executable, "-m", "llmrec.cli", "nightly", "--landing", str(tmp_path / "missing"),
+        [sys.executable, "-m", "app.cli", "nightly", "--landing", str(tmp_path / "missing"),
          "--home", str(tmp_path / "home")],
         capture_output=True, text=True, timeout=300,
     )

@@ -25,7 +25,7 @@ def test_prefect_yaml_deployments_are_valid():
 
 def test_served_deployments_and_ui_form():
     from flows.nightly import nightly_retrain
-    from flows.serve import deployments
+    from app.serve import deployments
 
     nightly, manual = deployments(NightlyConfig(landing="/data/landing"), "30 2 * * *", "Europe/Berlin")
     (schedule,) = nightly.schedules
@@ -40,13 +40,53 @@ def test_served_deployments_and_ui_form():
     assert training["epochs"]["minimum"] == 1
 
 
-def test_library_imports_no_prefect():
+LAYERS = {"llmrec": 0, "tasks": 1, "flows": 2, "app": 3}
+
+
+def imported_packages(path: Path) -> set[str]:
+    """Top-level names a module imports, anywhere in it (function-level imports count)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_imports_point_down_only():
+    """llmrec/ < tasks/ < flows/ < app/: a module imports only its own layer or lower ones,
+    and nothing below the entry points imports prefect except tasks/ and flows/."""
+    checked = 0
+    for layer, rank in LAYERS.items():
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            imported = imported_packages(path)
+            upward = {name for name in imported if LAYERS.get(name, -1) > rank}
+            assert not upward, f"{path.relative_to(ROOT)} imports {sorted(upward)} from a layer above it"
+            if layer == "llmrec":
+                assert "prefect" not in imported, f"{path.relative_to(ROOT)} imports prefect"
+            checked += 1
+    assert checked > 20
+
+
+def test_library_imports_no_prefect_at_run_time():
     import subprocess
     import sys
 
-    code = (
-        "import sys, llmrec.nightly, llmrec.data, llmrec.registry, llmrec.gate, llmrec.validate;"
-        "print('prefect' in sys.modules)"
-    )
+    modules = sorted(f"llmrec.{p.stem}" for p in (ROOT / "llmrec").glob("*.py") if p.stem != "__init__"
+                     and p.stem != "pyfunc_model")
+    code = f"import sys, {', '.join(modules)}, llmrec.data; print('prefect' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_one_schedule_everywhere():
+    from llmrec.config import NIGHTLY_CRON, NIGHTLY_TIMEZONE
+
+    spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    (schedule,) = {d["name"]: d for d in spec["deployments"]}["nightly"]["schedules"]
+    assert (schedule["cron"], schedule["timezone"]) == (NIGHTLY_CRON, NIGHTLY_TIMEZONE)
+    for path in [*ROOT.glob("app/*.py"), *ROOT.glob("flows/*.py"), ROOT / "README.md"]:
+        assert "2 * * *" not in path.read_text(), f"{path.name} spells a schedule of its own"

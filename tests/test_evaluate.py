@@ -40,6 +40,7 @@ def test_top_k_ranks_all_items_and_skips_trained_pairs(tiny_encoder):
     from llmrec.config import ModelConfig
     from llmrec.encoder import TextCache
     from llmrec.model import grow, new_checkpoint
+    from llmrec.schema import CatalogTexts
     from llmrec.scoring import Scorer
 
     checkpoint = new_checkpoint(tiny_encoder, ModelConfig(dim=4), seed=0)
@@ -52,7 +53,7 @@ def test_top_k_ranks_all_items_and_skips_trained_pairs(tiny_encoder):
         checkpoint.model.item_text.weight[-1].zero_()
     cache = TextCache(None, tiny_encoder, tiny_encoder.num_layers, 16)
     items = [f"i{n}" for n in range(6)]
-    scorer = Scorer(checkpoint, ["u"], cache.features([""]), items, cache.features(items))
+    scorer = Scorer.from_checkpoint(checkpoint, cache, CatalogTexts({"u": ""}, {i: i for i in items}))
     top = scorer.top_k(["u"], 3, exclude=frame([("u", "i5")]))
     assert list(top["item_id"]) == ["i4", "i3", "i2"]
     assert list(top["rank"]) == [1, 2, 3]

@@ -120,13 +120,13 @@ def test_corrupt_file_is_read_as_an_error_not_an_exception(tmp_path):
 
 
 def test_only_one_nightly_run_per_home(tmp_path):
-    from llmrec.config import NightlyConfig
-    from llmrec.nightly import exclusive
+    from llmrec.config import Home
+    from llmrec.lock import exclusive
 
-    config = NightlyConfig(landing=str(tmp_path), home=str(tmp_path / "home"))
-    with exclusive(config):
+    home = Home(tmp_path / "home")
+    with exclusive(home):
         with pytest.raises(LlmrecError, match="another nightly run"):
-            with exclusive(config):
+            with exclusive(home):
                 pass
-    with exclusive(config):  # released after the first run ends
+    with exclusive(home):  # released after the first run ends
         pass

@@ -10,7 +10,8 @@ import torch
 from llmrec.config import ModelConfig, TrainingConfig
 from llmrec.encoder import TextCache
 from llmrec.errors import LlmrecError
-from llmrec.model import UNKNOWN, VectorPredictor, grow, load, new_checkpoint, save
+from llmrec.model import UNKNOWN, grow, load, new_checkpoint, save
+from llmrec.schema import CatalogTexts
 from llmrec.scoring import Scorer
 from llmrec.train import fit
 
@@ -35,14 +36,14 @@ def trained(tiny_encoder, trainable_layers=0, epochs=4, lora_rank=0, **kw):
     checkpoint = new_checkpoint(tiny_encoder, ModelConfig(dim=8, trainable_layers=trainable_layers, lora_rank=lora_rank),
                                 seed=0)
     cache = TextCache(None, tiny_encoder, tiny_encoder.num_layers - trainable_layers, 32)
-    result, _ = fit(checkpoint, cache, frame, user_texts, item_texts, TrainingConfig(epochs=epochs, lr=0.02, batch_size=256))
+    result, _ = fit(checkpoint, cache, frame, CatalogTexts(user_texts, item_texts), TrainingConfig(epochs=epochs, lr=0.02, batch_size=256))
     return checkpoint, cache, result, (frame, user_texts, item_texts)
 
 
 def scorer_for(checkpoint, cache, user_texts, item_texts):
     users, items = sorted(user_texts), sorted(item_texts)
-    return Scorer(checkpoint, users, cache.features([user_texts[u] for u in users]),
-                  items, cache.features([item_texts[i] for i in items]))
+    return Scorer.from_checkpoint(checkpoint, cache, CatalogTexts({u: user_texts[u] for u in users},
+                                                                  {i: item_texts[i] for i in items}))
 
 
 def test_training_learns_the_taste_structure(tiny_encoder):
@@ -88,7 +89,7 @@ def test_checkpoint_round_trip_resumes_exactly(tiny_encoder, tmp_path):
     again = scorer_for(loaded, cache, user_texts, item_texts).predict(users, items)
     np.testing.assert_allclose(again, expected, rtol=1e-5, atol=1e-5)
     # The serving predictor reads only the stored vectors, and agrees.
-    np.testing.assert_allclose(VectorPredictor(folder).predict(users, items), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(Scorer.load(folder).predict(users, items), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_resume_refuses_a_different_encoder(tiny_encoder, tmp_path):
@@ -164,7 +165,7 @@ def test_resuming_moves_shared_weights_at_a_fraction_of_the_rate(tiny_encoder):
     for scale in (1.0, 0.03):
         resumed = copy.deepcopy(checkpoint)
         before = {k: v.clone() for k, v in resumed.model.state_dict().items()}
-        fit(resumed, cache, night, user_texts, item_texts,
+        fit(resumed, cache, night, CatalogTexts(user_texts, item_texts),
             TrainingConfig(epochs=2, lr=0.02, batch_size=64, resume_shared_lr_scale=scale))
         after = resumed.model.state_dict()
         moved[scale] = {k: float((after[k] - before[k]).abs().max()) for k in ("user_text.weight", "user_id.weight")}
@@ -207,7 +208,7 @@ def test_bce_loss_predicts_probabilities(tiny_encoder):
     frame, user_texts, item_texts = toy()
     checkpoint = new_checkpoint(tiny_encoder, ModelConfig(dim=8), seed=0)
     cache = TextCache(None, tiny_encoder, tiny_encoder.num_layers, 32)
-    fit(checkpoint, cache, frame, user_texts, item_texts, TrainingConfig(epochs=10, lr=0.05, loss="bce"))
+    fit(checkpoint, cache, frame, CatalogTexts(user_texts, item_texts), TrainingConfig(epochs=10, lr=0.05, loss="bce"))
     scorer = scorer_for(checkpoint, cache, user_texts, item_texts)
     pred = scorer.predict(frame["user_id"].tolist(), frame["item_id"].tolist())
     assert ((pred > 0) & (pred < 1)).all()

@@ -6,6 +6,7 @@ import torch
 from llmrec.config import ModelConfig, TrainingConfig
 from llmrec.encoder import TextCache, load_encoder
 from llmrec.model import new_checkpoint
+from llmrec.schema import CatalogTexts
 from llmrec.train import fit
 
 pytestmark = pytest.mark.slow
@@ -45,8 +46,8 @@ def test_fine_tunes_the_top_minilm_layer(minilm):
     checkpoint = new_checkpoint(minilm, ModelConfig(trainable_layers=1, dim=8), seed=0)
     before = checkpoint.model.top_layers[0].output.dense.weight.detach().clone()
     cache = TextCache(None, minilm, minilm.num_layers - 1, 32)
-    result, _ = fit(checkpoint, cache, frame, {"a": "likes action", "b": "likes romance"},
-                    {"x": "Die Hard; genres: Action", "y": "Notting Hill; genres: Romance"},
+    result, _ = fit(checkpoint, cache, frame, CatalogTexts({"a": "likes action", "b": "likes romance"},
+                                                          {"x": "Die Hard; genres: Action", "y": "Notting Hill; genres: Romance"}),
                     TrainingConfig(epochs=5, batch_size=16, lr=0.02))
     assert result.epoch_losses[-1] < result.epoch_losses[0]
     assert not torch.equal(checkpoint.model.top_layers[0].output.dense.weight, before)

@@ -7,9 +7,7 @@ brings new catalog or profile rows. Tags sort in time order, so the file names d
 
 from __future__ import annotations
 
-import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llmrec.errors import LlmrecError
+from llmrec.files import replace_atomically
 from llmrec.schema import EVENTS, EVENTS_OPTIONAL, EVENTS_SCHEMA, ITEMS, ITEMS_REQUIRED, KINDS, USERS, USERS_REQUIRED
 
 # In-memory column holding the tag of the drop a row lands in; stripped before writing
@@ -54,24 +53,11 @@ def landing_schema(kind: str, frame: pd.DataFrame) -> pa.Schema:
     return pa.schema(fields)
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    # A reader globbing *.parquet must never see a half-written file: write a hidden temp
-    # file in the same folder (same filesystem), then rename it over the target.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    return path
-
-
 def write_parquet_atomic(frame: pd.DataFrame, path: str | Path, schema: pa.Schema) -> Path:
     """Write `frame` (columns in `schema` order, index dropped) to `path` as Parquet with
     exactly `schema`, atomically. Returns the path."""
     table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
-    return _replace_atomically(Path(path), lambda temp: pq.write_table(table, temp))
+    return replace_atomically(Path(path), lambda temp: pq.write_table(table, temp))
 
 
 def write_drops(out: str | Path, events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame) -> list[str]:
@@ -116,5 +102,5 @@ def copy_drop(folder: str | Path, tag: str, landing: str | Path) -> list[Path]:
         source = drop_path(folder, kind, tag)
         if source.is_file():
             target = drop_path(landing, kind, tag)
-            written.append(_replace_atomically(target, lambda temp, s=source: shutil.copyfile(s, temp)))
+            written.append(replace_atomically(target, lambda temp, s=source: shutil.copyfile(s, temp)))
     return written

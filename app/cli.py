@@ -11,6 +11,8 @@ from typing import Optional
 
 import typer
 
+from llmrec.config import NIGHTLY_CRON, NIGHTLY_TIMEZONE
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -23,70 +25,9 @@ data_app = typer.Typer(no_args_is_help=True, help="Write landing drops (events/,
 app.add_typer(data_app, name="data")
 
 
-class UsageError(Exception):
-    pass
-
-
 def fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
-
-
-def parse_sets(values: list[str]) -> dict:
-    """--set training.epochs=5 --set gate.metrics='["rmse"]' -> nested dict (values are
-    JSON when they parse as JSON, else strings)."""
-    out: dict = {}
-    for item in values:
-        if "=" not in item:
-            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. training.epochs=5")
-        key, raw = item.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return out
-
-
-def merge(base: dict, extra: dict) -> dict:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-def build_config(config_file: Optional[Path], landing: Optional[str], home: Optional[str], sets: list[str],
-                 fail_on_invalid: Optional[bool] = None):
-    from pydantic import ValidationError
-
-    from llmrec.config import NightlyConfig
-
-    values: dict = {}
-    if config_file is not None:
-        if not config_file.exists():
-            raise UsageError(f"--config {config_file}: file does not exist")
-        try:
-            values = json.loads(config_file.read_text())
-        except json.JSONDecodeError as error:
-            raise UsageError(f"--config {config_file}: not valid JSON ({error})") from error
-    merge(values, parse_sets(sets))
-    if landing is not None:
-        values["landing"] = landing
-    if home is not None:
-        values["home"] = home
-    if fail_on_invalid is not None:
-        values["fail_on_invalid"] = fail_on_invalid
-    try:
-        return NightlyConfig(**values)
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
-        raise UsageError(f"invalid parameter(s): {problems}") from error
 
 
 def guarded(function):
@@ -95,8 +36,14 @@ def guarded(function):
 
     try:
         return function()
-    except (LlmrecError, UsageError) as error:
+    except LlmrecError as error:
         fail(str(error))
+
+
+def nightly_config(config_file: Optional[Path] = None, sets: list[str] = (), **fields):
+    from llmrec.config import NightlyConfig
+
+    return guarded(lambda: NightlyConfig.from_sources(config_file, sets, **fields))
 
 
 @data_app.command("movielens")
@@ -137,7 +84,7 @@ def nightly_command(
     fail_on_invalid: Optional[bool] = typer.Option(None, "--fail-on-invalid/--continue-on-invalid"),
 ) -> None:
     """Run the nightly-retrain flow once (on a temporary Prefect server if PREFECT_API_URL is unset)."""
-    cfg = guarded(lambda: build_config(config, landing, home, set_, fail_on_invalid))
+    cfg = nightly_config(config, set_, landing=landing, home=home, fail_on_invalid=fail_on_invalid)
 
     def run():
         from flows.nightly import nightly_retrain
@@ -156,7 +103,8 @@ def demo_command(
     set_: list[str] = typer.Option([], "--set", help="Override a NightlyConfig field."),
 ) -> None:
     """Build drops, then run the nightly flow night after night and print what happened."""
-    from flows.demo import run_demo
+    from app.demo import run_demo
+    from llmrec.config import parse_sets
 
     guarded(lambda: run_demo(ml100k, nights, workdir, parse_sets(set_)))
 
@@ -190,13 +138,13 @@ def rollback_command(
 @app.command("serve")
 def serve_command(
     landing: Optional[str] = typer.Option(None), home: Optional[str] = typer.Option(None),
-    cron: str = typer.Option("0 2 * * *", help="Nightly schedule."),
-    timezone: str = typer.Option("Europe/Berlin", help="Timezone of the schedule (an hour that exists every day)."),
+    cron: str = typer.Option(NIGHTLY_CRON, help="Nightly schedule."),
+    timezone: str = typer.Option(NIGHTLY_TIMEZONE, help="Timezone of the schedule (an hour that exists every day)."),
 ) -> None:
     """Serve the nightly (cron) and manual deployments against PREFECT_API_URL."""
-    from flows.serve import serve
+    from app.serve import serve
 
-    cfg = guarded(lambda: build_config(None, landing, home, []))
+    cfg = nightly_config(landing=landing, home=home)
     guarded(lambda: serve(cfg, cron, timezone))
 
 

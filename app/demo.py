@@ -7,9 +7,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from llmrec.cli import merge
-from llmrec.config import NightlyConfig
+from llmrec.config import NightlyConfig, deep_merge
 from llmrec.data import copy_drop, movielens_drops, synthetic_drops
+from llmrec.report import render_table
 
 DEMO_SYNTHETIC = dict(users=300, items=400, days=14, seed=0)
 # The first synthetic night lands three days at once: history to bootstrap the first model.
@@ -33,7 +33,7 @@ def run_demo(ml100k: Path | None, nights: int, workdir: Path, overrides: dict) -
         tags = synthetic_drops(drops, **DEMO_SYNTHETIC)
         print(f"synthetic data: {len(tags)} daily drops ({DEMO_SYNTHETIC})")
         nightly_drops = [tags[:SYNTHETIC_BOOTSTRAP_DROPS]] + [[tag] for tag in tags[SYNTHETIC_BOOTSTRAP_DROPS:]]
-    config = NightlyConfig(**merge({"landing": str(landing), "home": str(home)}, overrides))
+    config = NightlyConfig(**deep_merge({"landing": str(landing), "home": str(home)}, overrides))
     rows = []
     for night, night_tags in enumerate(nightly_drops[: nights + 1], start=1):
         for tag in night_tags:
@@ -42,7 +42,7 @@ def run_demo(ml100k: Path | None, nights: int, workdir: Path, overrides: dict) -
         print(f"\n=== night {night}: drop {', '.join(night_tags)} ===")
         summary = nightly_retrain(config=config)
         rows.append(table_row(night, tag, summary))
-    print("\n" + format_table(rows))
+    print("\n" + render_table(rows, style="text"))
     print(
         f"\nState is in {home}. To look at it in the UIs:\n"
         f"  make ui LLMREC_HOME={home}     # Prefect on http://127.0.0.1:4200, MLflow on http://127.0.0.1:5000\n"
@@ -71,17 +71,3 @@ def table_row(night: int, tag: str, summary: dict) -> dict:
         "anchor rmse": anchor.get("rmse"),
         "decision": decision.get("alias", summary.get("note") or "skipped"),
     }
-
-
-def format_table(rows: list[dict]) -> str:
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return f"{value:.4f}"
-        return "" if value is None else str(value)
-
-    header = list(rows[0]) if rows else []
-    cells = [[cell(r[h]) for h in header] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
-    lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths)), "-+-".join("-" * w for w in widths)]
-    lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)

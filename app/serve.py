@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from llmrec.config import NightlyConfig
+from llmrec.config import NIGHTLY_CRON, NIGHTLY_TIMEZONE, NightlyConfig
 from llmrec.errors import LlmrecError
 
 
@@ -27,7 +27,7 @@ def deployments(config: NightlyConfig, cron: str, timezone: str):
     return nightly, manual
 
 
-def serve(config: NightlyConfig, cron: str = "0 2 * * *", timezone: str = "Europe/Berlin") -> None:
+def serve(config: NightlyConfig, cron: str = NIGHTLY_CRON, timezone: str = NIGHTLY_TIMEZONE) -> None:
     if not os.environ.get("PREFECT_API_URL"):
         raise LlmrecError(
             "PREFECT_API_URL is not set: `llmrec serve` needs a running Prefect server to register its deployments "

@@ -1,0 +1,83 @@
+"""What a person reads: one table renderer (markdown for reports, aligned text for the
+console) and the nightly run's markdown report."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from llmrec.window import PARTS
+
+
+def format_cell(value: object, column: str = "") -> str:
+    """Floats with four decimals, missing values (None, NaN) as empty cells."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def render_table(rows: Sequence[dict], columns: Sequence[str] | None = None, style: str = "markdown",
+                 fmt: Callable[[object, str], str] = format_cell) -> str:
+    """Rows of dicts as a table: `markdown` (pipes escaped) or `text` (columns padded to
+    their widest cell, for a terminal). `fmt(value, column)` turns a value into a cell."""
+    columns = list(columns or (rows[0] if rows else []))
+    cells = [[fmt(row.get(c), c) for c in columns] for row in rows]
+    if style == "markdown":
+        def escape(text: str) -> str:
+            return text.replace("|", "\\|").replace("\n", " ")
+
+        lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+        lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in cells]
+        return "\n".join(lines)
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(columns)]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(columns, widths)), "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def metrics_rows(metrics: dict) -> list[dict]:
+    """Challenger vs champion (and the global-mean baseline), one row per part and metric."""
+    rows = []
+    for part in PARTS:
+        challenger = metrics["challenger"].get(part)
+        if not challenger:
+            continue
+        champion = (metrics.get("champion") or {}).get(part, {})
+        baseline = (metrics.get("global_mean") or {}).get(part, {})
+        for name, value in challenger.items():
+            other = champion.get(name)
+            rows.append({"part": part, "metric": name, "challenger": value, "champion": other,
+                         "difference": None if other is None else f"{value - other:+.4f}",
+                         "global mean": baseline.get(name)})
+    return rows
+
+
+def run_report(run_name: str, batch, curated=None, window=None, trained=None, metrics: dict | None = None,
+               registered=None, note: str = "") -> str:
+    """The markdown a reviewer reads in the Prefect UI and in the MLflow run."""
+    lines = [f"# llmrec nightly run `{run_name}`", ""]
+    if note:
+        lines += [f"**{note}**", ""]
+    lines += ["## Ingest", "", f"- new landing files: {len(batch.reads)}; already ingested: {batch.already_ingested}"]
+    for change in batch.changed:
+        lines.append(f"- changed after ingestion (not re-read): `{change['file']}`")
+    if curated is not None:
+        lines += [f"- event rows in: {curated.rows_in} = curated {curated.rows_curated} + quarantined {curated.rows_quarantined}",
+                  "", "## Validation", "", curated.validation_markdown or "(no files)", ""]
+    if window is not None:
+        lines += ["## Window", ""] + [f"- {k}: {v}" for k, v in window.summary().items()] + [""]
+    if trained is not None:
+        lines += ["## Training", "",
+                  f"- resumed from: {'v' + trained.resumed_from if trained.resumed_from else 'the pretrained encoder'}",
+                  f"- global step {trained.start_step} -> {trained.global_step}; vocab {trained.vocab}",
+                  f"- epoch losses: {', '.join(f'{x:.4f}' for x in trained.result.epoch_losses)}",
+                  f"- {trained.result.ratings_per_second:,.0f} ratings/s", ""]
+    if metrics is not None:
+        lines += ["## Challenger vs champion", "", render_table(metrics_rows(metrics)), ""]
+    if registered is not None:
+        d = registered.decision
+        lines += ["## Decision", "", f"- version **{registered.version}** -> alias `{d.alias}`", f"- {d.reason}"]
+        lines += [f"- failed: {c.part}.{c.metric}: {c.outcome()}" for c in d.failed()]
+    return "\n".join(lines)

@@ -1,0 +1,74 @@
+"""One Prefect task per nightly stage; each calls one llmrec function.
+
+Results stay in memory (no persistence, no input hashing): they hold data frames and
+models, and are only passed between tasks of the same flow run. Retries are declared
+only on the stages that talk to storage or the registry and are safe to repeat.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from prefect.tasks import exponential_backoff
+
+from llmrec import curate, encoder, evaluate as evaluation, ingest as ingestion, registry, train, window as windows
+from llmrec.config import Home, NightlyConfig
+
+IO_RETRIES = dict(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
+IN_MEMORY = dict(cache_policy=NO_CACHE, persist_result=False)
+
+
+@task(name="ingest", **IO_RETRIES, **IN_MEMORY)
+def ingest(landing: str, home: Home) -> ingestion.IngestResult:
+    return ingestion.ingest(landing, home)
+
+
+@task(name="validate-and-curate", **IN_MEMORY)
+def validate_and_curate(home: Home, batch: ingestion.IngestResult, fail_on_invalid: bool) -> curate.CurateResult:
+    return curate.validate_and_curate(home, batch, fail_on_invalid)
+
+
+@task(name="load-encoder", **IN_MEMORY)
+def load_encoder(name_or_path: str) -> encoder.Encoder:
+    return encoder.load_encoder(name_or_path)
+
+
+@task(name="load-champion", **IO_RETRIES, **IN_MEMORY)
+def load_champion(home: Home, registered_model: str, text_encoder: encoder.Encoder):
+    return registry.load_champion(home, registered_model, text_encoder)
+
+
+@task(name="read-curated", **IO_RETRIES, **IN_MEMORY)
+def read_curated(home: Home):
+    return ingestion.read_catalog_texts(home), ingestion.read_events(home)
+
+
+@task(name="window", **IN_MEMORY)
+def window(home: Home, events, watermark: int, config: NightlyConfig) -> windows.Window:
+    return windows.prepare_window(home, events, watermark, config.training, config.evaluation)
+
+
+@task(name="fine-tune", **IN_MEMORY)
+def fine_tune(champion, cache, texts, night_window, config: NightlyConfig, home: Home, run_name: str) -> train.Trained:
+    progress = create_progress_artifact(0.0, key="train-progress", description="fine-tuning epochs done")
+    epochs, logger = config.training.epochs, get_run_logger()
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        update_progress_artifact(progress, 100.0 * (epoch + 1) / epochs)
+        logger.info("epoch %d/%d: loss %.4f", epoch + 1, epochs, loss)
+
+    return train.fine_tune(champion, cache, texts, night_window, config.model, config.training,
+                           home.runs / run_name / "checkpoint", run_name, on_epoch)
+
+
+@task(name="evaluate", **IN_MEMORY)
+def evaluate(night_window, events, trained: train.Trained, champion, cache, texts, config: NightlyConfig) -> dict:
+    return evaluation.evaluate_models(night_window, events, trained.checkpoint, champion.checkpoint, cache, texts, config)
+
+
+@task(name="register-and-gate", **IO_RETRIES, **IN_MEMORY)
+def register_and_gate(config: NightlyConfig, run_name: str, night_window, curated, trained, metrics,
+                      champion_version: str | None) -> registry.Registered:
+    return registry.register_and_gate(config, run_name, night_window, curated, trained, metrics, champion_version)
