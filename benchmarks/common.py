@@ -32,6 +32,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from llmrec.report import render_table  # noqa: E402
+
 # Dense bf16 tensor-core peak (FLOP/s) by GPU name; anything else is measured.
 GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -299,18 +301,15 @@ def fmt_flops(value: float) -> str:
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
-    """Rows of dicts as a markdown table; a column whose name has "FLOP/s" prints with a
-    unit prefix, one with "of peak", "padding" or "%" as a percentage."""
-    if not rows:
-        return "(no rows)"
-    columns = columns or list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(c, ""), c) for c in columns) + " |")
-    return "\n".join(lines)
+    """Rows of dicts as a markdown table (llmrec's renderer) with the benchmarks' units: a
+    column whose name has "FLOP/s" prints with a unit prefix, one with "of peak", "padding"
+    or "%" as a percentage."""
+    return render_table(rows, columns, fmt=_cell) if rows else "(no rows)"
 
 
 def _cell(value, column: str = "") -> str:
+    if value is None:
+        return ""
     if isinstance(value, float) and value == value:
         if "FLOP/s" in column:
             return fmt_flops(value)
@@ -325,12 +324,6 @@ def _cell(value, column: str = "") -> str:
             return f"{value:.1f}"
         return f"{value:.4g}"
     return str(value)
-
-
-def rmse(truth, prediction) -> float:
-    truth = np.asarray(truth, dtype=np.float64)
-    prediction = np.asarray(prediction, dtype=np.float64)
-    return float(np.sqrt(np.mean((prediction - truth) ** 2)))
 
 
 def quiet_logs() -> None:

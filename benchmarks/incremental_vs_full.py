@@ -52,6 +52,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from llmrec.config import EvaluationConfig, ModelConfig, TrainingConfig, parse_sets  # noqa: E402
+from llmrec.data import drop_index  # noqa: E402
 from llmrec.encoder import TextCache  # noqa: E402
 from llmrec.errors import LlmrecError  # noqa: E402
 from llmrec.evaluate import evaluate  # noqa: E402
@@ -69,9 +70,8 @@ def daily_drops(events: pd.DataFrame, bootstrap_days: int) -> pd.DataFrame:
     """`_ingest_seq` 1 for the first `bootstrap_days` days, then one per day (2, 3, ...);
     `_day` = days since the first rating."""
     days = events["timestamp"].dt.floor("D")
-    day = (days - days.min()).dt.days.to_numpy()
-    seq = np.where(day < bootstrap_days, 1, day - bootstrap_days + 2)
-    return events.assign(_day=day, _ingest_seq=seq.astype(np.int64))
+    seq = drop_index(events["timestamp"], 1, bootstrap_days) + 2
+    return events.assign(_day=(days - days.min()).dt.days.to_numpy(), _ingest_seq=seq.astype(np.int64))
 
 
 def nightly_update(events: pd.DataFrame, seq: int, state: dict, cache: TextCache, texts: CatalogTexts,

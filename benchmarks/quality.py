@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import BiasedMF, constant_scorer  # noqa: E402
 
 from llmrec.config import NightlyConfig, parse_sets  # noqa: E402
-from llmrec.data import load_movielens  # noqa: E402
+from llmrec.data import drop_index, load_movielens  # noqa: E402
 from llmrec.encoder import TextCache, load_encoder  # noqa: E402
 from llmrec.evaluate import evaluate, rating_metrics  # noqa: E402
 from llmrec.model import Champion  # noqa: E402
@@ -109,10 +109,7 @@ def default_data() -> Path:
 def weekly(events: pd.DataFrame, bootstrap_days: int = 28) -> pd.DataFrame:
     """`_ingest_seq` = 1 for the first `bootstrap_days` days, then one per week (2, 3, ...),
     as if each week had been landed and curated as one nightly batch."""
-    days = events["timestamp"].dt.floor("D")
-    offset = (days - days.min()).dt.days
-    week = np.where(offset < bootstrap_days, -1, (offset - bootstrap_days) // 7)
-    return events.assign(_ingest_seq=(week + 2).astype(np.int64))
+    return events.assign(_ingest_seq=(drop_index(events["timestamp"], 7, bootstrap_days) + 2).astype(np.int64))
 
 
 def canonical_folds(data: Path) -> list[tuple[pd.DataFrame, pd.DataFrame]]:

@@ -58,6 +58,7 @@ from torch import nn  # noqa: E402
 from llmrec.config import ModelConfig, TrainingConfig, resolve_encoder  # noqa: E402
 from llmrec.encoder import TextCache  # noqa: E402
 from llmrec.model import new_checkpoint  # noqa: E402
+from llmrec.evaluate import rating_metrics  # noqa: E402
 from llmrec.schema import CatalogTexts  # noqa: E402
 from llmrec.scoring import Scorer  # noqa: E402
 from llmrec.train import fit  # noqa: E402
@@ -299,8 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
         print("; ".join(line), flush=True)
 
     truth = held_out["rating"].to_numpy()
-    naive_rmse = common.rmse(truth, naive.predict(held_out))
-    mean_rmse = common.rmse(truth, np.full(len(truth), mean_rating))
+    naive_rmse = rating_metrics(truth, naive.predict(held_out))["rmse"]
+    mean_rmse = rating_metrics(truth, np.full(len(truth), mean_rating))["rmse"]
     naive_rps = n_ratings / naive_seconds
     same_count = []
     for tl, run in runs.items():
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
             "ratio (step)": (run.ratings / run.step_seconds) / naive_rps,
             "llmrec fit r/s (cold cache)": run.ratings / run.fit_seconds,
             "ratio (cold)": (run.ratings / run.fit_seconds) / naive_rps,
-            "naive RMSE": naive_rmse, "llmrec RMSE": common.rmse(truth, run.predict(held_out)),
+            "naive RMSE": naive_rmse, "llmrec RMSE": rating_metrics(truth, run.predict(held_out))["rmse"],
             "naive peak RSS GiB" if device == "cpu" else "naive peak CUDA GiB": peaks["naive"] / 2**30,
             "llmrec peak RSS GiB" if device == "cpu" else "llmrec peak CUDA GiB": peaks[tl] / 2**30,
         })
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "train loop s": run.step_seconds,
                 "step r/s": step_rps, "ratio (step)": step_rps / naive_rps,
                 "fit r/s": run.ratings / run.fit_seconds, "ratio (cold)": run.ratings / run.fit_seconds / naive_rps,
-                "RMSE": common.rmse(truth, run.predict(held_out)),
+                "RMSE": rating_metrics(truth, run.predict(held_out))["rmse"],
                 "encoder TFLOP (cache + train)": (encode_flops + train_flops) / 1e12,
                 "FLOP/s (fit)": (encode_flops + train_flops) / run.fit_seconds,
                 "of peak (fit)": (encode_flops + train_flops) / run.fit_seconds / peak,

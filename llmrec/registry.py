@@ -25,6 +25,7 @@ from llmrec.config import Home, NightlyConfig
 from llmrec.encoder import Encoder
 from llmrec.errors import LlmrecError
 from llmrec.gate import Decision, decide
+from llmrec.report import render_table
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 # Error codes MLflow uses for "no such registered model / alias / version".
@@ -165,10 +166,12 @@ def apply_decision(name: str, version: str, decision: Decision, description: str
         client.set_registered_model_alias(name, CHALLENGER, version)
 
 
-def _cell(value: object) -> str:
+def _cell(value: object, column: str = "") -> str:
+    if value is None:
+        return ""
     if isinstance(value, float):
         return "NaN" if math.isnan(value) else f"{value:.6g}"
-    return str(value).replace("|", "\\|")
+    return str(value)
 
 
 def describe_version(
@@ -184,17 +187,17 @@ def describe_version(
     against = f"champion v{champion_version}" if champion_version else "champion"
     verdict = f"Promoted, aliased `{CHAMPION}`" if decision.promote else f"Rejected, aliased `{CHALLENGER}`"
     gated = {(c.part, c.metric): "pass" if c.passed else "FAIL" for c in decision.checks}
-    lines = [decision.reason, "", "### Data window", "", "| | |", "|---|---|"]
-    lines += [f"| {key.replace('_', ' ')} | {_cell(value)} |" for key, value in window.items()]
+    window_rows = [{"": key.replace("_", " "), " ": value} for key, value in window.items()]
+    lines = [decision.reason, "", "### Data window", "", render_table(window_rows, fmt=_cell)]
     for part in dict.fromkeys([*metrics, *champion]):
         ours, theirs = metrics.get(part, {}), champion.get(part, {})
-        lines += ["", f"### Metrics: {part}", "", f"| metric | challenger | {against} | difference | gate |"]
-        lines.append("|---|---:|---:|---:|---|")
+        rows = []
         for metric in dict.fromkeys([*ours, *theirs]):
             a, b = ours.get(metric), theirs.get(metric)
-            diff = _cell(a - b) if a is not None and b is not None else ""
-            cells = [metric, _cell(a) if a is not None else "", _cell(b) if b is not None else "", diff]
-            lines.append(f"| {' | '.join(cells)} | {gated.get((part, metric), '')} |")
+            rows.append({"metric": metric, "challenger": a, against: b,
+                         "difference": a - b if a is not None and b is not None else None,
+                         "gate": gated.get((part, metric), "")})
+        lines += ["", f"### Metrics: {part}", "", render_table(rows, fmt=_cell)]
     lines += ["", "### Decision", "", f"**{verdict}.**", ""]
     lines += [f"- {gated[c.part, c.metric]}: {c.rule} (challenger {_cell(c.challenger)})" for c in decision.checks]
     lines += [f"- skipped: {note}" for note in decision.skipped]

@@ -32,6 +32,7 @@ from great_expectations.data_context.types.base import ProgressBarsConfig
 from great_expectations.exceptions import DataContextError
 
 from llmrec import schema
+from llmrec.report import render_table
 
 SITE = "llmrec"
 DOCS_FOLDER = "data_docs"
@@ -442,8 +443,16 @@ def _read_error_page(result: FileValidation) -> str:
     )
 
 
-def _cell(text: object) -> str:
+def _code(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def outcome(result: FileValidation) -> str:
+    if result.read_error is not None:
+        return "unreadable"
+    if result.success:
+        return "passed"
+    return f"failed ({len(result.failures)} expectation{'s' * (len(result.failures) != 1)})"
 
 
 def report_markdown(results: list[FileValidation]) -> str:
@@ -451,23 +460,15 @@ def report_markdown(results: list[FileValidation]) -> str:
     expectations of each failed file with counts and examples."""
     if not results:
         return "No landing files were validated.\n"
-    lines = ["| file | kind | rows | outcome |", "|---|---|---|---|"]
-    for r in results:
-        if r.read_error is not None:
-            outcome = "unreadable"
-        elif r.success:
-            outcome = "passed"
-        else:
-            outcome = f"failed ({len(r.failures)} expectation{'s' * (len(r.failures) != 1)})"
-        lines.append(f"| {_cell(r.source)} | {r.kind} | {r.rows} | {outcome} |")
+    rows = [{"file": r.source, "kind": r.kind, "rows": r.rows, "outcome": outcome(r)} for r in results]
+    lines = [render_table(rows)]
     for r in results:
         if r.success:
             continue
         lines += ["", f"### {r.source}", ""]
         if r.read_error is not None:
-            lines.append(f"- could not be read as Parquet: `{_cell(r.read_error)}`")
+            lines.append(f"- could not be read as Parquet: `{_code(r.read_error)}`")
         lines += [f"- `{f.column or '(table)'}` ({f.expectation}): {_describe(f, code='`')}" for f in r.failures]
         if r.data_docs:
             lines.append(f"- Data Docs: {r.data_docs}")
     return "\n".join(lines) + "\n"
-

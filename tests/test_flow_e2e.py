@@ -161,3 +161,29 @@ def test_fail_on_invalid_stops_the_run(prefect_server, world, tmp_path):
     manifest = ingest.read_manifest(Home(config.home))
     assert list(manifest["status"]) == ["quarantined"]
     assert not Home(config.home).events.exists()
+
+
+def test_a_night_loads_encoder_champion_and_curated_data_once(prefect_server, world, monkeypatch):
+    """The flow loads the heavy things once and hands them down: one encoder load, one
+    champion checkpoint load, one read of the events and of the catalog per night."""
+    from llmrec import encoder, ingest, model
+
+    calls = {"encoder": 0, "checkpoint": 0, "events": 0, "catalog": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(encoder, "load_encoder", counted("encoder", encoder.load_encoder))
+    monkeypatch.setattr(model, "load", counted("checkpoint", model.load))
+    monkeypatch.setattr(ingest, "read_events", counted("events", ingest.read_events))
+    monkeypatch.setattr(ingest, "read_catalog_texts", counted("catalog", ingest.read_catalog_texts))
+    night = run_night(world, world["tags"][6:7])
+    assert night["status"] == "registered" and night["resumed_from"] is not None
+    assert calls == {"encoder": 1, "checkpoint": 1, "events": 1, "catalog": 1}
+    # The night's full report sits beside its MLflow run.
+    run_id = MlflowClient().get_model_version(world["config"].registered_model, night["version"]).run_id
+    report = mlflow.artifacts.load_text(f"runs:/{run_id}/report.md")
+    assert "## Decision" in report and f"version **{night['version']}**" in report

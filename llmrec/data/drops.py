@@ -53,6 +53,14 @@ def landing_schema(kind: str, frame: pd.DataFrame) -> pa.Schema:
     return pa.schema(fields)
 
 
+def drop_index(timestamps: pd.Series, period_days: int, bootstrap_days: int) -> pd.Series:
+    """Which drop each timestamp lands in: -1 for the first `bootstrap_days` days (UTC,
+    counted from the first day), then 0, 1, ... per `period_days` days after them."""
+    days = timestamps.dt.floor("D")
+    offset = (days - days.min()).dt.days - bootstrap_days
+    return (offset // period_days).where(offset >= 0, -1)
+
+
 def write_parquet_atomic(frame: pd.DataFrame, path: str | Path, schema: pa.Schema) -> Path:
     """Write `frame` (columns in `schema` order, index dropped) to `path` as Parquet with
     exactly `schema`, atomically. Returns the path."""

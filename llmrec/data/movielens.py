@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from llmrec.data.drops import DROP, write_drops
+from llmrec.data.drops import DROP, drop_index, write_drops
 from llmrec.errors import LlmrecError
 
 PERIODS = ("1D", "7D")
@@ -106,12 +106,9 @@ def movielens_drops(source: str | Path, out: str | Path, period: str = "1D", boo
         raise LlmrecError(f"bootstrap_days must be a positive whole number of days, got {bootstrap_days!r}")
     events, items, users = load_movielens(source)
 
-    days = events["timestamp"].dt.floor("D")
-    first_day = days.iloc[0]
+    first_day = events["timestamp"].dt.floor("D").min()
     step = int(period[:-1])
-    # Day offsets past the bootstrap window, in whole periods; the bootstrap is period -1.
-    offset = (days - first_day).dt.days - bootstrap_days
-    index = (offset // step).where(offset >= 0, -1)
+    index = drop_index(events["timestamp"], step, bootstrap_days)
     last_day = first_day + pd.to_timedelta(bootstrap_days - 1 + (index + 1) * step, unit="D")
     events[DROP] = last_day.dt.strftime("%Y-%m-%d")
 
