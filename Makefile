@@ -8,12 +8,17 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-LLMREC_HOME ?= $(CURDIR)/demo-data/home
+# One home for everything started from here: `make demo` writes it, `make ui` shows its
+# MLflow registry, `make serve` publishes deployments whose form defaults to it.
+DEMO_DIR ?= $(CURDIR)/demo-data
+LLMREC_HOME ?= $(DEMO_DIR)/home
+export LLMREC_HOME
+LANDING ?= $(DEMO_DIR)/landing
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 UI_DIR := $(CURDIR)/.ui
 
-.PHONY: install demo test test-fast bench bench-quality ui ui-stop clean-venv
+.PHONY: install demo test test-fast bench bench-quality ui ui-stop serve clean-venv
 
 install: $(VENV)/.installed
 
@@ -26,7 +31,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/llmrec demo
+	$(VENV)/bin/llmrec demo --workdir $(DEMO_DIR) --home $(LLMREC_HOME)
 
 test: install
 	$(PY) -m pytest -q
@@ -55,8 +60,13 @@ ui: install
 		curl -sf $$url > /dev/null || { echo "not healthy: $$url (see $(UI_DIR)/*.log)"; exit 1; }; done
 	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)   (export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api)"
 	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)    (registry of $(LLMREC_HOME)/mlflow.db)"
-	@echo "Serve the deployments: PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(VENV)/bin/llmrec serve --landing <dir>"
+	@echo "Serve the deployments (runs write to $(LLMREC_HOME)): make serve [LANDING=$(LANDING)]"
 	@echo "Stop both: make ui-stop"
+
+# The nightly and manual deployments against the `make ui` Prefect server, on LLMREC_HOME.
+serve: install
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api LLMREC_HOME=$(LLMREC_HOME) \
+		$(VENV)/bin/llmrec serve --landing $(LANDING) --home $(LLMREC_HOME)
 
 ui-stop:
 	@for name in prefect mlflow; do f=$(UI_DIR)/$$name.pid; \

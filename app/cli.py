@@ -18,6 +18,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llmrec")
+# The temporary Prefect server of `llmrec nightly` / `demo` starts slowly on a busy 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="llmrec: a continual-learning recommender on a pretrained language model.")
@@ -99,14 +101,16 @@ def nightly_command(
 def demo_command(
     ml100k: Optional[Path] = typer.Option(None, envvar="ML100K_DIR", help="MovieLens-100k folder; synthetic data if unset."),
     nights: int = typer.Option(4, help="Consecutive nights to run after the first."),
-    workdir: Path = typer.Option(Path("demo-data"), help="Where drops, landing and state go."),
+    workdir: Path = typer.Option(Path("demo-data"), help="Where drops and landing go (rebuilt on every run)."),
+    home: Optional[Path] = typer.Option(None, help="State folder (default WORKDIR/home); must be new or empty "
+                                                   "when outside WORKDIR."),
     set_: list[str] = typer.Option([], "--set", help="Override a NightlyConfig field."),
 ) -> None:
     """Build drops, then run the nightly flow night after night and print what happened."""
     from app.demo import run_demo
     from llmrec.config import parse_sets
 
-    guarded(lambda: run_demo(ml100k, nights, workdir, parse_sets(set_)))
+    guarded(lambda: run_demo(ml100k, nights, workdir, parse_sets(set_), home))
 
 
 @app.command("versions")

@@ -4,11 +4,15 @@ night did."""
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
+import sys
 from pathlib import Path
 
 from llmrec.config import NightlyConfig, deep_merge
 from llmrec.data import copy_drop, movielens_drops, synthetic_drops
+from llmrec.errors import LlmrecError
 from llmrec.report import render_table
 
 DEMO_SYNTHETIC = dict(users=300, items=400, days=14, seed=0)
@@ -16,14 +20,32 @@ DEMO_SYNTHETIC = dict(users=300, items=400, days=14, seed=0)
 SYNTHETIC_BOOTSTRAP_DROPS = 3
 
 
-def run_demo(ml100k: Path | None, nights: int, workdir: Path, overrides: dict) -> list[dict]:
+def quiet_console() -> None:
+    """One line per stage per night on the console: the flow's progress logger prints
+    plainly, while Prefect's own console lines and MLflow's INFO chatter are left to the
+    Prefect UI, the MLflow run and the nightly report. Runs before Prefect configures logging."""
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    progress = logging.getLogger("llmrec.progress")
+    if not progress.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("  %(message)s"))
+        progress.addHandler(handler)
+
+
+def run_demo(ml100k: Path | None, nights: int, workdir: Path, overrides: dict, home: Path | None = None) -> list[dict]:
+    quiet_console()
     from flows.nightly import nightly_retrain
 
     workdir = Path(workdir).resolve()
-    # demo-data/ is the demo's own scratch folder, rebuilt from the generators on every run.
+    home = Path(home).resolve() if home is not None else workdir / "home"
+    if not home.is_relative_to(workdir) and home.exists() and any(home.iterdir()):
+        raise LlmrecError(f"--home {home}: already holds state; the demo starts from an empty home "
+                          f"(or leave it unset to use {workdir / 'home'})")
+    # The work folder is the demo's own scratch folder, rebuilt from the generators on every run.
     if workdir.exists():
         shutil.rmtree(workdir)
-    drops, landing, home = workdir / "drops", workdir / "landing", workdir / "home"
+    drops, landing = workdir / "drops", workdir / "landing"
     landing.mkdir(parents=True)
     if ml100k is not None:
         tags = movielens_drops(ml100k, drops, period="7D", bootstrap_days=28)
@@ -46,6 +68,7 @@ def run_demo(ml100k: Path | None, nights: int, workdir: Path, overrides: dict) -
     print(
         f"\nState is in {home}. To look at it in the UIs:\n"
         f"  make ui LLMREC_HOME={home}     # Prefect on http://127.0.0.1:4200, MLflow on http://127.0.0.1:5000\n"
+        f"  make serve LLMREC_HOME={home}  # deployments whose runs write to this home\n"
         "  Runs show up in the Prefect UI when the demo runs against that server:\n"
         "  PREFECT_API_URL=http://127.0.0.1:4200/api make demo"
     )

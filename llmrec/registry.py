@@ -146,7 +146,15 @@ def log_model_version(
         pip_requirements=pip_requirements,
         code_paths=code_paths,
     )
-    return str(mlflow.register_model(info.model_uri, name).version)
+    # The client, not mlflow.register_model: the same registration without its lines on stderr.
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    return str(client.create_model_version(name, source=info.model_uri, run_id=mlflow.active_run().info.run_id,
+                                           model_id=info.model_id).version)
 
 
 def apply_decision(name: str, version: str, decision: Decision, description: str) -> None:

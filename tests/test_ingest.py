@@ -45,12 +45,19 @@ def test_ingest_appends_partitioned_events_and_records_manifest(tmp_path, drops)
     assert set(ingest.read_catalog(home, "items")["item_id"]) >= set(events["item_id"])
 
 
-def test_second_ingest_of_same_files_adds_nothing(tmp_path, drops):
+@pytest.fixture
+def first_drop_ingested(tmp_path, drops):
+    """Landing and home after the first drop was ingested, and how many events it curated."""
     folder, tags = drops
     landing, home = tmp_path / "landing", Home(tmp_path / "home").ensure()
     copy_drop(folder, tags[0], landing)
     ingest_all(landing, home)
-    before = len(ingest.read_events(home))
+    return landing, home, len(ingest.read_events(home))
+
+
+def test_second_ingest_of_same_files_adds_nothing(first_drop_ingested, drops):
+    folder, tags = drops
+    landing, home, before = first_drop_ingested
     found, reads = ingest_all(landing, home)
     assert found.new == [] and reads == []
     assert found.already_ingested > 0
@@ -62,12 +69,8 @@ def test_second_ingest_of_same_files_adds_nothing(tmp_path, drops):
     assert sorted(seqs) == [1, 2]
 
 
-def test_changed_file_is_reported_not_reread(tmp_path, drops):
-    folder, tags = drops
-    landing, home = tmp_path / "landing", Home(tmp_path / "home").ensure()
-    copy_drop(folder, tags[0], landing)
-    ingest_all(landing, home)
-    before = len(ingest.read_events(home))
+def test_changed_file_is_reported_not_reread(first_drop_ingested):
+    landing, home, before = first_drop_ingested
     target = next((landing / "events").iterdir())
     frame = pd.read_parquet(target)
     frame.head(3).to_parquet(target)

@@ -111,25 +111,20 @@ def test_missing_column_is_a_failure_naming_it(validator):
     assert "rating" in failure.rule and "rating" in result.summary()
 
 
-def test_string_ratings_fail_the_type_check(validator):
-    frame = events().astype({"rating": "str"})
-    failure = only_failure(validator.validate(frame, "events", "strings.parquet", known_item_ids=CATALOG))
-    assert (failure.expectation, failure.column, failure.observed) == (
-        "expect_column_values_to_be_of_type",
-        "rating",
-        "str",
-    )
+def string_ratings(frame):
+    return frame.astype({"rating": "str"})
 
 
-def test_naive_timestamps_fail_the_type_check(validator):
-    frame = events()
-    frame["timestamp"] = frame["timestamp"].dt.tz_localize(None)
-    failure = only_failure(validator.validate(frame, "events", "naive.parquet", known_item_ids=CATALOG))
+def naive_timestamps(frame):
+    return frame.assign(timestamp=frame["timestamp"].dt.tz_localize(None))
+
+
+@pytest.mark.parametrize("change, column, observed", [(string_ratings, "rating", "str"),
+                                                      (naive_timestamps, "timestamp", "datetime64")])
+def test_wrong_column_types_fail_the_type_check(validator, change, column, observed):
+    failure = only_failure(validator.validate(change(events()), "events", "typed.parquet", known_item_ids=CATALOG))
     assert (failure.expectation, failure.column, failure.observed) == (
-        "expect_column_values_to_be_of_type",
-        "timestamp",
-        "datetime64",
-    )
+        "expect_column_values_to_be_of_type", column, observed)
 
 
 def test_non_utc_timestamps_fail(validator):
