@@ -18,7 +18,9 @@ PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 UI_DIR := $(CURDIR)/.ui
 
-.PHONY: install demo test test-fast bench bench-quality ui ui-stop serve clean-venv
+STACK_DIR ?= $(CURDIR)/.stack
+
+.PHONY: install demo test test-fast bench bench-quality ui ui-stop serve clean-venv postgres stack stack-stop
 
 install: $(VENV)/.installed
 
@@ -33,7 +35,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/llmrec demo --workdir $(DEMO_DIR) --home $(LLMREC_HOME)
 
-test: install
+test: install postgres
 	$(PY) -m pytest -q
 
 test-fast: install
@@ -67,6 +69,21 @@ ui: install
 serve: install
 	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api LLMREC_HOME=$(LLMREC_HOME) \
 		$(VENV)/bin/llmrec serve --landing $(LANDING) --home $(LLMREC_HOME)
+
+# PostgreSQL's server programs, for the native production stack and its end-to-end test:
+# installed from Debian's package when missing (needs root, as in CI).
+postgres:
+	@$(PYTHON) docker/stack.py pg-bindir > /dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; \
+		else echo "PostgreSQL is missing: sudo apt-get install -y postgresql"; exit 1; fi; }
+
+# The production topology natively (docker/stack.py): Postgres, S3 (moto), MLflow with
+# basic-auth, Prefect with an auth string, on 127.0.0.1; data and pids in $(STACK_DIR).
+stack: install postgres
+	$(PY) docker/stack.py up --dir $(STACK_DIR)
+
+stack-stop:
+	$(PYTHON) docker/stack.py down --dir $(STACK_DIR)
 
 ui-stop:
 	@for name in prefect mlflow; do f=$(UI_DIR)/$$name.pid; \
