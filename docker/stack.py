@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -199,40 +198,43 @@ def start_postgres(state: dict, sec: Secrets, port: int) -> None:
     if os.geteuid() == 0:
         # Its own folder outside --dir: the postgres user cannot enter root's private folders.
         data_root = Path(tempfile.mkdtemp(prefix="llmrec-stack-pg-"))
-        user = pwd.getpwnam("postgres")
-        os.chown(data_root, user.pw_uid, user.pw_gid)
     else:
         data_root = Path(state["dir"]) / "postgres"
         data_root.mkdir()
     state["postgres_root"] = str(data_root)
     data, sockets, pwfile = data_root / "data", data_root / "sock", data_root / "pwfile"
+    sockets.mkdir()
+    pwfile.touch(mode=0o600)
     pwfile.write_text(sec.postgres_password + "\n")
     if os.geteuid() == 0:
-        os.chown(pwfile, pwd.getpwnam("postgres").pw_uid, -1)
-    pwfile.chmod(0o600)
-    sockets.mkdir()
-    if os.geteuid() == 0:
-        os.chown(sockets, pwd.getpwnam("postgres").pw_uid, -1)
-    log = Path(state["dir"]) / "postgres.log"
-    run = lambda argv: subprocess.run(as_postgres_user() + argv, check=True, capture_output=True, text=True)  # noqa: E731
+        postgres = pwd.getpwnam("postgres")
+        for path in (data_root, sockets, pwfile):
+            os.chown(path, postgres.pw_uid, postgres.pw_gid)
+
+    def run(argv: list[str]) -> None:
+        done = subprocess.run(as_postgres_user() + argv, capture_output=True, text=True)
+        if done.returncode:
+            raise StackError(f"{Path(argv[0]).name} failed: {(done.stderr or done.stdout).strip()[-500:]}")
+
     try:
+        # The password goes in a file, never on a command line that `ps` shows.
         run([str(bindir / "initdb"), "-D", str(data), "-U", DB_ROLE, f"--pwfile={pwfile}",
              "--auth=scram-sha-256", "-E", "UTF8"])
     finally:
         pwfile.unlink()
-    # pg_ctl writes the server log under data/ (owned by postgres); it is copied at `down`.
+    # pg_ctl writes the server log under data/ (owned by postgres); `down` copies it to --dir.
     run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(data / "server.log"), "-w", "start",
          "-o", f"-p {port} -c listen_addresses=127.0.0.1 -k {sockets}"])
     state["pids"]["postgres"] = int((data / "postmaster.pid").read_text().split()[0])
-    log.write_text(f"server log: {data / 'server.log'}\n")
 
 
 def start_server(state: dict, name: str, argv: list[str], env: dict[str, str]) -> None:
     # The servers are the ones installed beside this interpreter (the project's venv).
     program = Path(sys.executable).parent / argv[0]
     log = open(Path(state["dir"]) / f"{name}.log", "w")
-    process = subprocess.Popen([str(program) if program.exists() else argv[0], *argv[1:]], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, start_new_session=True, cwd=state["dir"])
+    process = subprocess.Popen([str(program) if program.exists() else argv[0], *argv[1:]], env={**os.environ, **env},
+                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               start_new_session=True, cwd=state["dir"])
     state["pids"][name] = process.pid
 
 
@@ -242,11 +244,9 @@ def wait_healthy(state: dict, name: str, url: str, seconds: float = 180) -> None
         if not alive(state["pids"][name]):
             raise StackError(f"{name} exited while starting; see {state['dir']}/{name}.log")
         try:
-            with urllib.request.urlopen(url, timeout=2):
+            with urllib.request.urlopen(url, timeout=5):
                 return
-        except urllib.error.HTTPError:
-            return  # answering at all is enough (moto's root answers 4xx without a request)
-        except OSError:
+        except OSError:  # refused, timed out, or an error status while it starts
             time.sleep(0.3)
     raise StackError(f"{name} not healthy after {seconds:.0f}s at {url}; see {state['dir']}/{name}.log")
 
