@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
 
 from llmrec.report import render_table  # noqa: E402
 
@@ -232,62 +233,25 @@ def gpu_bf16_peak() -> tuple[float, str]:
 
 # ----------------------------------------------------------------------------- FLOP counting
 
+# torch's counter has formulas for the CUDA attention kernels but not for the CPU kernel
+# that scaled_dot_product_attention runs without attention dropout (the frozen layers of
+# the text cache, in eval mode); without these two, that attention (QK^T and AV) would go
+# uncounted on CPU. With dropout it runs as matmuls, which torch counts. The formulas
+# are torch's own.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda query, key, value, *args, out_shape=None, **kwargs: sdpa_flop_count(query, key, value),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad_out, query, key, value, *args, out_shape=None, **kwargs:
+        sdpa_backward_flop_count(grad_out, query, key, value),
+}
 
-def layer_flops(batch: int, length: int, hidden: int, intermediate: int) -> float:
-    """Forward FLOPs of one BERT layer on a [batch, length] input: the linear maps
-    (2 x weights x tokens) plus the attention products QK^T and AV (2 x 2 x L^2 x H)."""
-    tokens = batch * length
-    linear = 2 * tokens * (4 * hidden * hidden + 2 * hidden * intermediate)
-    attention = 2 * 2 * batch * length * length * hidden
-    return float(linear + attention)
 
-
-@dataclass
-class FlopCounter:
-    """Counts the FLOPs of transformer layers as they run, with forward hooks: each call
-    adds its forward FLOPs, x3 when autograd records it (a backward pass follows: input
-    and weight gradients), x2 when only LoRA adapters train. Tokens are counted as executed
-    (padding included) and as real."""
-
-    flops: float = 0.0
-    tokens: int = 0
-    real_tokens: int = 0
-    calls: int = 0
-    handles: list = field(default_factory=list)
-
-    def attach(self, layers) -> "FlopCounter":
-        for layer in layers:
-            self.handles.append(layer.register_forward_hook(self._hook, with_kwargs=True))
-        return self
-
-    def detach(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-    def _hook(self, module, args, kwargs, output):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        batch, length, size = hidden.shape
-        dense = module.intermediate.dense
-        factor = 1
-        if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
-            # Backward = input gradients (x1) + weight gradients (x1); frozen weights under
-            # LoRA adapters need only the first (the adapters' own FLOPs are negligible).
-            base = getattr(dense, "base_layer", dense)
-            factor = 3 if base.weight.requires_grad else 2
-        self.flops += factor * layer_flops(batch, length, size, dense.out_features)
-        self.tokens += batch * length
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            # Key mask of the first query row: bool (True = attend) or additive (0 = attend).
-            keys = mask[:, 0, 0, :]
-            self.real_tokens += int(keys.sum() if keys.dtype == torch.bool else (keys == 0).sum())
-        else:
-            self.real_tokens += batch * length
-        self.calls += 1
-
-    def snapshot(self) -> tuple[float, int, int]:
-        return self.flops, self.tokens, self.real_tokens
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter, silent: the matmuls and attention that run inside it, forward
+    and backward, from their shapes. It intercepts every op in Python, so count FLOPs in a
+    pass that is not timed."""
+    return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
 
 
 def fmt_flops(value: float) -> str:
@@ -302,8 +266,8 @@ def fmt_flops(value: float) -> str:
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     """Rows of dicts as a markdown table (llmrec's renderer) with the benchmarks' units: a
-    column whose name has "FLOP/s" prints with a unit prefix, one with "of peak", "padding"
-    or "%" as a percentage."""
+    column whose name has "FLOP/s" prints with a unit prefix, one with "of peak" or "%" as a
+    percentage."""
     return render_table(rows, columns, fmt=_cell) if rows else "(no rows)"
 
 
@@ -313,7 +277,7 @@ def _cell(value, column: str = "") -> str:
     if isinstance(value, float) and value == value:
         if "FLOP/s" in column:
             return fmt_flops(value)
-        if "of peak" in column or "padding" in column or column.endswith("%"):
+        if "of peak" in column or column.endswith("%"):
             return f"{value:.1%}"
     if isinstance(value, float):
         if value != value:

@@ -1,8 +1,11 @@
 """Training throughput: llmrec's training step against the naive per-rating transformer
 loop, on MovieLens-100k, in one process (issue 3, items 1 and 2).
 
-    .venv/bin/python benchmarks/train_throughput.py            # 1,024 naive ratings + full epochs (~25 min, 2-core CPU)
-    .venv/bin/python benchmarks/train_throughput.py --quick    # 512 ratings, 20k-row "epochs" (~4 min)
+    .venv/bin/python benchmarks/train_throughput.py            # 1,024 naive ratings + full epochs (~38 min, 2-core CPU)
+    .venv/bin/python benchmarks/train_throughput.py --quick    # 512 ratings, 20k-row "epochs" (~7 min)
+
+(Estimates for a quiet machine: the timed parts took ~25 and ~4 min; the rest is the
+untimed FLOP-counting replay of the naive chunks and of each epoch.)
     .venv/bin/python benchmarks/train_throughput.py --device cuda --quick
 
 The naive loop (implemented here, as the method llmrec starts from does it): a torch
@@ -33,9 +36,13 @@ Reported per variant (--layers):
 - RMSE of both on the same held-out rows after the same number of ratings;
 - peak RSS of each (VmHWM reset before each chunk);
 - a full epoch of llmrec on all training rows (fresh cache and checkpoint): its time,
-  RMSE, and the encoder FLOPs it ran (cache encoding: 2 x weights x tokens forward;
-  trainable layers x3 for the backward) per second, as a fraction of a 4096^3 fp32
-  matmul timed in this run (on CUDA: as a fraction of the card's bf16 peak = MFU).
+  RMSE, and the FLOPs it ran (the cache encoding's and the training loop's) per second,
+  as a fraction of a 4096^3 fp32 matmul timed in this run (on CUDA: as a fraction of the
+  card's bf16 peak = MFU).
+
+FLOPs are counted by torch (`torch.utils.flop_counter.FlopCounterMode`: every matmul and
+attention op, forward and backward, from its shapes) in an untimed replay of the same
+work: the counter intercepts every op in Python, and that cost must not be in the timings.
 """
 
 from __future__ import annotations
@@ -127,7 +134,6 @@ class Naive:
             {"params": self.model.encoder.parameters(), "lr": config.encoder_lr},
             {"params": self.model.head.parameters(), "lr": config.lr},
         ], weight_decay=config.weight_decay)
-        self.flops = common.FlopCounter().attach(self.model.encoder.encoder.layer)
 
     def loader(self, rows: pd.DataFrame) -> torch.utils.data.DataLoader:
         dataset = PairDataset(rows, self.data.user_texts, self.data.item_texts, self.tokenizer, self.max_length)
@@ -163,29 +169,37 @@ class Naive:
 class Llmrec:
     """llmrec's checkpoint + a fresh in-memory text cache; trains through `fit` only."""
 
-    def __init__(self, encoder, model_config: ModelConfig, config: TrainingConfig, data: common.Data,
-                 bottom: common.FlopCounter, seed: int):
-        self.encoder, self.config, self.data, self.bottom = encoder, config, data, bottom
+    def __init__(self, encoder, model_config: ModelConfig, config: TrainingConfig, data: common.Data, seed: int):
+        self.encoder, self.config, self.data, self.seed = encoder, config, data, seed
         self.model_config = model_config
+        self.texts = CatalogTexts(data.user_texts, data.item_texts)
         self.checkpoint = new_checkpoint(encoder, self.model_config, seed)
         self.cache = TextCache.for_model(None, encoder, model_config)
-        self.top = common.FlopCounter().attach(self.checkpoint.model.top_layers)
         self.fit_seconds = 0.0
         self.step_seconds = 0.0
         self.ratings = 0
-        self.flops = 0.0
 
     def train(self, rows: pd.DataFrame) -> None:
-        before = self.bottom.flops + self.top.flops
         common.sync(self.config.device)
         start = time.perf_counter()
-        result, _ = fit(self.checkpoint, self.cache, rows, CatalogTexts(self.data.user_texts, self.data.item_texts),
-                        self.config)
+        result, _ = fit(self.checkpoint, self.cache, rows, self.texts, self.config)
         common.sync(self.config.device)
         self.fit_seconds += time.perf_counter() - start
         self.step_seconds += result.seconds
         self.ratings += result.ratings
-        self.flops += self.bottom.flops + self.top.flops - before
+
+    def count_flops(self, rows: pd.DataFrame) -> tuple[int, int]:
+        """(cache encoding, training loop) FLOPs of this run's one `train(rows)`, counted by
+        torch in an untimed replay: the texts of the vocabularies encoded into a fresh cache
+        in the two calls `fit` makes (users, then items: the same batches), then `fit` from a
+        fresh checkpoint on that cache, now warm (same seed: the same steps and negatives)."""
+        cache = TextCache.for_model(None, self.encoder, self.model_config)
+        with common.flop_counter() as encoding:
+            cache.features([self.texts.users.get(u, "") for u in self.checkpoint.users.ids])
+            cache.features([self.texts.items.get(i, "") for i in self.checkpoint.items.ids])
+        with common.flop_counter() as training:
+            fit(new_checkpoint(self.encoder, self.model_config, self.seed), cache, rows, self.texts, self.config)
+        return encoding.get_total_flops(), training.get_total_flops()
 
     def predict(self, rows: pd.DataFrame) -> np.ndarray:
         texts = CatalogTexts({u: self.data.user_texts.get(u, "") for u in rows["user_id"]},
@@ -268,7 +282,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"peak: {common.fmt_flops(peak)}FLOP/s ({peak_source})", flush=True)
 
     encoder = common.load_encoder(args.encoder)  # loaded once, outside every timing
-    bottom = common.FlopCounter().attach(encoder.layers)
     # The chunks are pieces of one training run, not nights: no resume-rate scaling.
     config = TrainingConfig(epochs=1, batch_size=args.batch_size, seed=args.seed, device=device,
                             resume_shared_lr_scale=1.0)
@@ -276,21 +289,22 @@ def main(argv: list[str] | None = None) -> dict:
           + ", ".join(f"{k}={v}" for k, v in config.model_dump().items()), flush=True)
     mean_rating = float(train_rows["rating"].iloc[: min(chunk, n_ratings)].mean())
     torch.manual_seed(args.seed)
-    naive = Naive(resolve_encoder(args.encoder), encoder.tokenizer, data, mean_rating, config, device,
-                  args.micro_batch, args.max_length)
-    runs = {tl: Llmrec(encoder, model_config, config, data, bottom, args.seed) for tl, model_config in layers.items()}
+
+    def new_naive() -> Naive:
+        return Naive(resolve_encoder(args.encoder), encoder.tokenizer, data, mean_rating, config, device,
+                     args.micro_batch, args.max_length)
+
+    naive = new_naive()
+    runs = {tl: Llmrec(encoder, model_config, config, data, args.seed) for tl, model_config in layers.items()}
 
     # Alternate chunk by chunk over the same rows.
+    chunks = [train_rows.iloc[first : min(first + chunk, n_ratings)] for first in range(0, n_ratings, chunk)]
     naive_seconds, peaks = 0.0, {"naive": 0, **{tl: 0 for tl in layers}}
-    naive_flops = 0.0
-    for first in range(0, n_ratings, chunk):
-        rows = train_rows.iloc[first : min(first + chunk, n_ratings)]
-        before = naive.flops.flops
+    for number, rows in enumerate(chunks, 1):
         seconds, peak_bytes = measured(lambda: naive.train(rows), device)
         naive_seconds += seconds
-        naive_flops += naive.flops.flops - before
         peaks["naive"] = max(peaks["naive"], peak_bytes)
-        line = [f"chunk {first // chunk + 1}: naive {len(rows) / seconds:.1f} r/s"]
+        line = [f"chunk {number}: naive {len(rows) / seconds:.1f} r/s"]
         for tl, run in runs.items():
             step_before = run.step_seconds
             seconds, peak_bytes = measured(lambda: run.train(rows), device)
@@ -316,6 +330,14 @@ def main(argv: list[str] | None = None) -> dict:
             "llmrec peak RSS GiB" if device == "cpu" else "llmrec peak CUDA GiB": peaks[tl] / 2**30,
         })
     del naive
+    # The naive loop's FLOPs: a fresh naive model replays the same chunks, untimed, under
+    # torch's counter (the weights differ, the shapes and so the FLOPs do not).
+    replay = new_naive()
+    with common.flop_counter() as counter:
+        for rows in chunks:
+            replay.train(rows)
+    naive_flops = counter.get_total_flops()
+    del replay
     common.release_memory()
     naive_info = {"ratings_per_s": naive_rps, "rmse": naive_rmse, "flops": naive_flops,
                   "flops_per_s": naive_flops / naive_seconds, "fraction_of_peak": naive_flops / naive_seconds / peak}
@@ -327,12 +349,9 @@ def main(argv: list[str] | None = None) -> dict:
     epochs = []
     if not args.no_epoch:
         for tl, model_config in layers.items():
-            run = Llmrec(encoder, model_config, config, data, bottom, args.seed)
-            top_before = run.top.flops
-            bottom_before = bottom.flops
+            run = Llmrec(encoder, model_config, config, data, args.seed)
             seconds, peak_bytes = measured(lambda: run.train(epoch_rows), device)
-            encode_flops = bottom.flops - bottom_before
-            train_flops = run.top.flops - top_before
+            encode_flops, train_flops = run.count_flops(epoch_rows)
             step_rps = run.ratings / run.step_seconds
             epochs.append({
                 "trainable_layers": tl, "rows": len(epoch_rows), "fit s (cold cache)": run.fit_seconds,
@@ -340,12 +359,11 @@ def main(argv: list[str] | None = None) -> dict:
                 "step r/s": step_rps, "ratio (step)": step_rps / naive_rps,
                 "fit r/s": run.ratings / run.fit_seconds, "ratio (cold)": run.ratings / run.fit_seconds / naive_rps,
                 "RMSE": rating_metrics(truth, run.predict(held_out))["rmse"],
-                "encoder TFLOP (cache + train)": (encode_flops + train_flops) / 1e12,
+                "TFLOP (cache + train)": (encode_flops + train_flops) / 1e12,
                 "FLOP/s (fit)": (encode_flops + train_flops) / run.fit_seconds,
                 "of peak (fit)": (encode_flops + train_flops) / run.fit_seconds / peak,
                 "FLOP/s (train loop)": train_flops / run.step_seconds,
                 "of peak (train loop)": train_flops / run.step_seconds / peak,
-                "padding": 1 - run.top.real_tokens / run.top.tokens if run.top.tokens else 0.0,
                 "peak RSS GiB" if device == "cpu" else "peak CUDA GiB": peak_bytes / 2**30,
             })
             print(f"epoch tl={tl}: {epochs[-1]['fit s (cold cache)']:.1f} s", flush=True)

@@ -55,11 +55,13 @@ def test_cpu_benchmarks_run_quick_and_print_results(tiny_encoder, tmp_path, caps
         assert np.isfinite(row["naive RMSE"]) and np.isfinite(row["llmrec RMSE"])
         assert row["llmrec peak RSS GiB"] > 0
     assert [row["rows"] for row in train["epoch"]] == [300, 300, 300]
-    assert train["epoch"][0]["FLOP/s (train loop)"] == 0  # tl=0 runs no transformer layer per step
+    # tl=0's training loop runs no transformer layer, only the heads' small matmuls.
+    tl0_loop, tl1_loop = (row["FLOP/s (train loop)"] * row["train loop s"] for row in train["epoch"][:2])
+    assert 0 < tl0_loop < tl1_loop
     assert train["epoch"][1]["FLOP/s (train loop)"] > 0 and 0 < train["epoch"][1]["of peak (fit)"]
-    # LoRA: same layers run, but frozen weights need no weight gradients (x2, not x3).
+    # LoRA: same layers run, but frozen weights need no weight gradients.
     full, lora = train["epoch"][1], train["epoch"][2]
-    assert 0 < lora["encoder TFLOP (cache + train)"] < full["encoder TFLOP (cache + train)"]
+    assert 0 < lora["TFLOP (cache + train)"] < full["TFLOP (cache + train)"]
     assert train["peak_flops"] > 0
 
     score = load("score_throughput").main(common + ["--repeats", "1"])
