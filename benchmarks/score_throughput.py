@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-import torch  # noqa: E402
 
 from llmrec.config import ModelConfig, TrainingConfig  # noqa: E402
 from llmrec.encoder import TextCache  # noqa: E402

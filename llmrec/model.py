@@ -83,7 +83,12 @@ class Recommender(nn.Module):
         return text[:, : self.dim] + id_vector, text[:, self.dim] + id_bias
 
     def score(self, user_vec, user_bias, item_vec, item_bias) -> torch.Tensor:
-        return self.mu + user_bias + item_bias + (user_vec * item_vec).sum(-1)
+        return rating(self.mu, user_vec, user_bias, item_vec, item_bias)
+
+
+def rating(mu, user_vec: torch.Tensor, user_bias: torch.Tensor, item_vec: torch.Tensor, item_bias: torch.Tensor) -> torch.Tensor:
+    """r = mu + b_u + b_i + <v_u, v_i>, row by row: the formula training and scoring share."""
+    return mu + user_bias + item_bias + (user_vec * item_vec).sum(-1)
 
 
 @dataclass

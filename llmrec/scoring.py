@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from llmrec.encoder import TextCache, TextFeatures
-from llmrec.model import Checkpoint, output_transform, read_state
+from llmrec.model import Checkpoint, output_transform, rating, read_state
 from llmrec.schema import CatalogTexts
 
 CHUNK = 4096
@@ -99,7 +99,7 @@ class Scorer:
     def raw_scores(self, user_ids, item_ids) -> torch.Tensor:
         user_vec, user_bias = self._lookup(self.user_index, self.user_vectors, self.user_bias, user_ids)
         item_vec, item_bias = self._lookup(self.item_index, self.item_vectors, self.item_bias, item_ids)
-        return self.mu + user_bias + item_bias + (user_vec * item_vec).sum(-1)
+        return rating(self.mu, user_vec, user_bias, item_vec, item_bias)
 
     def predict(self, user_ids, item_ids) -> np.ndarray:
         return output_transform(self.raw_scores(user_ids, item_ids).double().numpy(), self.loss_kind)
@@ -118,6 +118,7 @@ class Scorer:
         out_users, out_items, out_scores = [], [], []
         for start in range(0, len(users), CHUNK):
             chunk = users[start : start + CHUNK]
+            # rating() for every (user, item) of the chunk at once, as one matrix product.
             scores = self.user_vectors[chunk] @ self.item_vectors.T
             scores += self.user_bias[chunk, None] + self.item_bias[None, :] + self.mu
             if excluded_rows is not None:

@@ -1,48 +1,20 @@
 """`llmrec serve` against a real Prefect server on 127.0.0.1: a run of the manual
 deployment, started as the UI's form would start it, executes and leaves its report."""
 
+import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from servers import free_port, stop, wait_healthy
 
 from llmrec.data import copy_drop, synthetic_drops
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, process: subprocess.Popen, log: Path, seconds: float = 120) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"server not healthy after {seconds}s: {log.read_text()[-2000:]}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 def test_served_manual_deployment_runs_from_a_form_submission(tmp_path, tiny_encoder):
@@ -65,42 +37,15 @@ def test_served_manual_deployment_runs_from_a_form_submission(tmp_path, tiny_enc
         wait_healthy(f"http://127.0.0.1:{port}/api/health", server, server_log)
         served = subprocess.Popen([BIN / "llmrec", "serve", "--landing", str(landing), "--home", str(tmp_path / "home")],
                                   env=env, stdout=serve_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-        script = f"""
-import asyncio, json
-from prefect.deployments import run_deployment
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-params = {{"config": {{"landing": {str(landing)!r}, "home": {str(tmp_path / "home")!r},
-          "model": {{"encoder": {str(encoder_dir)!r}, "dim": 8}}, "training": {{"epochs": 2}}}}}}
-from prefect.client.schemas.filters import ArtifactFilterFlowRunId
-async def registered():
-    # The serve process registers its deployments a few seconds after it starts.
-    async with get_client() as client:
-        for attempt in range(240):
-            try:
-                return await client.read_deployment_by_name("nightly-retrain/manual")
-            except Exception:
-                await asyncio.sleep(0.5)
-asyncio.run(registered())
-run = run_deployment("nightly-retrain/manual", parameters=params, timeout=300)
-async def read():
-    async with get_client() as client:
-        report = await client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["nightly-report"]), flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
-        nightly = await client.read_deployment_by_name("nightly-retrain/nightly")
-        return report, nightly
-report, nightly = asyncio.run(read())
-print(json.dumps({{"state": run.state.type.value, "report": report[0].data if report else "",
-                  "timezone": nightly.schedules[0].schedule.timezone}}))
-"""
-        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=400)
+        params = {"config": {"landing": str(landing), "home": str(tmp_path / "home"),
+                             "model": {"encoder": str(encoder_dir), "dim": 8}, "training": {"epochs": 2}}}
+        proc = subprocess.run([sys.executable, Path(__file__).with_name("run_manual_deployment.py"), json.dumps(params)],
+                              env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:] + serve_log.read_text()[-3000:]
-        import json
-
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         assert result["state"] == "COMPLETED", serve_log.read_text()[-3000:]
         assert "## Decision" in result["report"] and "version **1**" in result["report"]
-        assert result["timezone"] == "Europe/Berlin"
+        assert result["nightly_timezone"] == "Europe/Berlin"
     finally:
         if served is not None:
             stop(served)

@@ -8,7 +8,6 @@ report for the credentials."""
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from servers import stop
 
 from llmrec.data import synthetic_drops
 
@@ -54,31 +55,6 @@ def upload_drop(s3, drops: Path, tag: str) -> list[str]:
         s3.upload_file(str(path), LANDING_BUCKET, key)
         keys.append(f"s3://{LANDING_BUCKET}/{key}")
     return keys
-
-
-RUN_NIGHT = """
-import asyncio, json, sys
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
-from prefect.deployments import run_deployment
-
-async def registered():
-    # `llmrec serve` registers its deployments a few seconds after it starts.
-    async with get_client() as client:
-        for _ in range(240):
-            try:
-                return await client.read_deployment_by_name("nightly-retrain/manual")
-            except Exception:
-                await asyncio.sleep(0.5)
-asyncio.run(registered())
-run = run_deployment("nightly-retrain/manual", parameters=json.loads(sys.argv[1]), timeout=400)
-async def report():
-    async with get_client() as client:
-        found = await client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["nightly-report"]), flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
-        return found[0].data if found else ""
-print(json.dumps({"state": run.state.type.value, "report": asyncio.run(report())}))
-"""
 
 
 def test_two_nights_on_the_native_production_stack(tmp_path, tiny_encoder):
@@ -129,7 +105,8 @@ def test_two_nights_on_the_native_production_stack(tmp_path, tiny_encoder):
         uploaded, reports = [], []
         for tag in tags:
             uploaded += upload_drop(s3, drops, tag)
-            night = subprocess.run([sys.executable, "-c", RUN_NIGHT, json.dumps(parameters)], env=env,
+            night = subprocess.run([sys.executable, Path(__file__).with_name("run_manual_deployment.py"),
+                                    json.dumps(parameters)], env=env,
                                    capture_output=True, text=True, timeout=500)
             outputs += [night.stdout, night.stderr]
             assert night.returncode == 0, night.stderr[-3000:] + serve_log.read_text()[-3000:]
@@ -199,9 +176,3 @@ def test_two_nights_on_the_native_production_stack(tmp_path, tiny_encoder):
         assert down.returncode == 0, down.stderr
 
 
-def stop(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
