@@ -25,6 +25,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="llmrec: a continual-learning recommender on a pretrained language model.")
 data_app = typer.Typer(no_args_is_help=True, help="Write landing drops (events/, items/, users/ Parquet).")
 app.add_typer(data_app, name="data")
+alerts_app = typer.Typer(no_args_is_help=True, help="Notifications through Prefect automations.")
+app.add_typer(alerts_app, name="alerts")
 
 
 def fail(message: str) -> None:
@@ -114,14 +116,60 @@ def demo_command(
 
 
 @app.command("versions")
-def versions_command(home: Optional[str] = typer.Option(None), model: str = typer.Option("llmrec")) -> None:
-    """List the registered model's versions with aliases and decisions."""
+def versions_command(
+    home: Optional[str] = typer.Option(None), model: str = typer.Option("llmrec"),
+    compare: Optional[tuple[str, str]] = typer.Option(None, help="Two versions A B: their metrics and stored comparison."),
+) -> None:
+    """List the registered model's versions with aliases and decisions, or compare two."""
     from llmrec import registry
     from llmrec.config import Home, default_home
 
     registry.configure(Home(home or default_home()), "llmrec")
+    if compare:
+        typer.echo(guarded(lambda: registry.compare_versions(model, *compare)))
+        return
     frame = guarded(lambda: registry.version_history(model))
     typer.echo(frame.to_string(index=False) if len(frame) else f"no versions of {model!r} yet")
+
+
+@alerts_app.command("install")
+def alerts_install(webhook: str = typer.Option(..., help="URL the notifications are POSTed to.")) -> None:
+    """Create Prefect automations (on PREFECT_API_URL) notifying WEBHOOK of promoted, rejected,
+    failed and crashed nights, drift and quarantined files."""
+    from app.alerts import install
+
+    for name in guarded(lambda: install(webhook)):
+        typer.echo(f"installed automation {name!r}")
+
+
+@app.command("history")
+def history_command(home: Optional[str] = typer.Option(None), model: str = typer.Option("llmrec")) -> None:
+    """Which version was champion when, and why it changed (promotion, rollback), from the registry."""
+    from llmrec import registry
+    from llmrec.config import Home, default_home
+    from llmrec.report import render_table
+
+    registry.configure(Home(home or default_home()), "llmrec")
+    frame = guarded(lambda: registry.champion_history(model))
+    if frame.empty:
+        typer.echo(f"{model!r} has had no champion yet")
+        return
+    typer.echo(render_table(frame.to_dict("records"), style="text"))
+
+
+@app.command("monitor")
+def monitor_command(home: Optional[str] = typer.Option(None), experiment: str = typer.Option("llmrec")) -> None:
+    """Print the served champion's metrics and the drift share, night after night."""
+    from llmrec import registry
+    from llmrec.config import Home, default_home
+    from llmrec.report import render_table
+
+    registry.configure(Home(home or default_home()), experiment)
+    trend = guarded(lambda: registry.trend_table(experiment))
+    if trend.empty:
+        typer.echo(f"no nights recorded in experiment {experiment!r} yet")
+        return
+    typer.echo(render_table(trend.reset_index().to_dict("records"), style="text"))
 
 
 @app.command("rollback")

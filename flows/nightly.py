@@ -15,11 +15,14 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llmrec")
 
 from prefect import flow  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.events import emit_event  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
 
 from llmrec import registry  # noqa: E402
 from llmrec.config import Home, NightlyConfig  # noqa: E402
 from llmrec.encoder import TextCache  # noqa: E402
 from llmrec.lock import exclusive  # noqa: E402
+from llmrec.monitor import drift_hold  # noqa: E402
 from llmrec.report import run_report  # noqa: E402
 from tasks import stages as t  # noqa: E402
 
@@ -33,9 +36,27 @@ progress.setLevel(logging.INFO)
 def nightly_retrain(config: NightlyConfig = NightlyConfig()) -> dict:
     """Ingest tonight's landing files, fine-tune the champion on them, and promote the
     challenger only if no gated metric regressed."""
-    home = Home(config.home).ensure()
-    with exclusive(home):
-        return run_night(config, home, registry.new_run_name())
+    run_name = registry.new_run_name()
+    try:
+        home = Home(config.home).ensure()
+        with exclusive(home):
+            return run_night(config, home, run_name)
+    except Exception as error:
+        # The one alert of a failed night (automations on this event, not on the Failed state).
+        alert("llmrec.night.failed", run_name, f"{type(error).__name__}: {error}")
+        raise
+
+
+# Events the flow emits, for Prefect automations (`llmrec alerts install`) and the event feed.
+EVENTS = ("llmrec.night.promoted", "llmrec.night.rejected", "llmrec.night.failed", "llmrec.data.drift",
+          "llmrec.data.quarantined")
+
+
+def alert(event: str, run_name: str, reason: str, **payload) -> None:
+    """Emit one llmrec event naming the night (our run name and Prefect's flow-run name)."""
+    emit_event(event=event, resource={"prefect.resource.id": f"llmrec.night.{run_name}",
+                                      "prefect.resource.name": run_name},
+               payload={"run": run_name, "flow_run": flow_run.get_name() or "", "reason": reason, **payload})
 
 
 def run_night(config: NightlyConfig, home: Home, run_name: str) -> dict:
@@ -45,6 +66,10 @@ def run_night(config: NightlyConfig, home: Home, run_name: str) -> dict:
     curated = t.validate_and_curate(home, batch, config.fail_on_invalid)
     progress.info("%s validate: %d event rows curated, %d quarantined (%d file(s))", run_name, curated.rows_curated,
                   curated.rows_quarantined, len(curated.files_quarantined))
+    if curated.files_quarantined:
+        files = [f["file"] for f in curated.files_quarantined]
+        alert("llmrec.data.quarantined", run_name, f"{len(files)} file(s) failed validation: {', '.join(files)}",
+              files=files)
     if curated.rows_curated == 0:
         return finish(run_name, batch, curated, note="No new rows tonight: nothing trained, nothing registered.")
     text_encoder = t.load_encoder(config.model.encoder)
@@ -53,6 +78,12 @@ def run_night(config: NightlyConfig, home: Home, run_name: str) -> dict:
     cache = TextCache.for_model(home.cache, text_encoder, champion.model_config(config.model))
     progress.info("%s load: champion %s, %d events, %d items", run_name,
                   f"v{champion.version}" if champion.version else "none (first model)", len(events), len(texts.items))
+    drift = t.drift(events, champion.ingest_watermark, texts, config) if champion.version else None
+    if drift is not None:
+        progress.info("%s drift: share %.2f, drifted %s", run_name, drift.share, ", ".join(drift.drifted) or "none")
+        drifting = drift_hold(drift, config.monitor)
+        if drifting:
+            alert("llmrec.data.drift", run_name, drifting, share=drift.share, scores=drift.scores)
     window = t.window(home, events, champion.ingest_watermark, config)
     progress.info("%s window: %d train rows (%d replayed), %d held out, %d anchor", run_name, len(window.train),
                   window.replay_rows, len(window.held_out), len(window.anchor))
@@ -66,14 +97,20 @@ def run_night(config: NightlyConfig, home: Home, run_name: str) -> dict:
     held_out = metrics["challenger"].get("held_out", {})
     progress.info("%s evaluate: held-out rmse %.4f, recall@%d %.4f", run_name, held_out.get("rmse", float("nan")),
                   config.evaluation.k, held_out.get(f"recall_at_{config.evaluation.k}", float("nan")))
-    registered = t.register_and_gate(config, run_name, window, curated, trained, metrics, champion.version)
+    registered = t.register_and_gate(config, run_name, window, curated, trained, metrics, champion.version, drift)
     progress.info("%s register: version %s -> %s (%s)", run_name, registered.version, registered.decision.alias,
                   registered.decision.reason)
-    return finish(run_name, batch, curated, window, trained, metrics, registered)
+    decision = registered.decision
+    alert("llmrec.night.promoted" if decision.promote else "llmrec.night.rejected", run_name, decision.reason,
+          version=registered.version, failed=[f"{c.part}.{c.metric}: {c.outcome()}" for c in decision.failed()])
+    trend = t.record_trend(config, home, run_name, registered, metrics, champion.version, window.watermark, drift)
+    return finish(run_name, batch, curated, window, trained, metrics, registered, drift=drift,
+                  trend_image=trend.name if trend else None)
 
 
-def finish(run_name, batch, curated, window=None, trained=None, metrics=None, registered=None, note="") -> dict:
-    report = run_report(run_name, batch, curated, window, trained, metrics, registered, note)
+def finish(run_name, batch, curated, window=None, trained=None, metrics=None, registered=None, note="",
+           drift=None, trend_image=None) -> dict:
+    report = run_report(run_name, batch, curated, window, trained, metrics, registered, note, drift, trend_image)
     create_markdown_artifact(report, key="nightly-report", description=f"llmrec {run_name}")
     if registered is not None:
         registry.log_report(registered.run_id, report)
@@ -90,7 +127,9 @@ def finish(run_name, batch, curated, window=None, trained=None, metrics=None, re
         "global_step": trained.global_step if trained else None,
         "start_step": trained.start_step if trained else None,
         "vocab": trained.vocab if trained else None,
-        "metrics": metrics,
+        # Per-row samples stay in the run: the summary is what a caller prints or stores.
+        "metrics": {k: v for k, v in metrics.items() if k != "samples"} if metrics else None,
         "version": registered.version if registered else None,
         "decision": registered.decision.to_dict() if registered else None,
+        "drift": {"share": drift.share, "drifted": drift.drifted, "scores": drift.scores} if drift else None,
     }

@@ -135,6 +135,16 @@ class EvaluationConfig(BaseModel):
     )
     k: int = Field(10, ge=1, le=1000, description="Cut-off of recall@K and NDCG@K.")
     relevant_rating: float = Field(4.0, ge=1.0, le=5.0, description="A held-out rating at or above this is relevant.")
+    cold_ratings: int = Field(
+        5, ge=1, le=10_000, description="Segments: a user or item with fewer ratings outside the part is cold."
+    )
+    heavy_user_share: float = Field(
+        0.1, gt=0.0, lt=1.0, description="Segments: the share of users with the most ratings counted as heavy users."
+    )
+    head_item_share: float = Field(
+        0.2, gt=0.0, lt=1.0,
+        description="Segments: the share of most-rated items counted as the head; the rest is the long tail.",
+    )
 
 
 class GateConfig(BaseModel):
@@ -145,9 +155,35 @@ class GateConfig(BaseModel):
         description="Metrics gated on both held-out parts (held_out, anchor): any of "
         "mse, rmse, mae, recall_at_K, ndcg_at_K (K = evaluation.k).",
     )
-    tolerance: float = Field(
-        0.0, ge=0.0, description="How much worse than the champion a gated metric may be (absolute)."
+    rule: Literal["bootstrap", "point"] = Field(
+        "bootstrap",
+        description="bootstrap: a check fails only when the challenger is worse than the champion by "
+        "more than `margin` with `confidence` (paired bootstrap interval of the difference); "
+        "point: point estimates compared with `tolerance` (the rule before the bootstrap).",
     )
+    tolerance: float = Field(
+        0.0, ge=0.0, description="point rule: how much worse than the champion a gated metric may be (absolute)."
+    )
+    resamples: int = Field(2000, ge=100, le=100_000, description="bootstrap rule: resamples per check.")
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1.0, description="bootstrap rule: level of the two-sided interval of each difference."
+    )
+    margin: dict[str, float | str] = Field(
+        default_factory=dict,
+        description='bootstrap rule: per gated metric, how much worse than the champion is still '
+        'acceptable: a number (absolute, in the metric\'s units) or "N%" (relative to the '
+        "champion's value); a metric not listed has margin 0.",
+    )
+    min_samples: int = Field(
+        20, ge=2, le=1_000_000,
+        description="bootstrap rule: fewest rows (error metrics) or ranked users (ranking metrics) "
+        "for a meaningful interval.",
+    )
+    small_sample: Literal["hold", "ignore"] = Field(
+        "hold", description="bootstrap rule, fewer samples than min_samples: hold the challenger "
+        "(not promoted, said in the reason) or ignore the check.",
+    )
+    seed: int = Field(0, description="bootstrap rule: seed of the resampling.")
 
     @field_validator("metrics")
     @classmethod
@@ -158,6 +194,52 @@ class GateConfig(BaseModel):
         if not value:
             raise ValueError("at least one metric must be gated")
         return value
+
+    @field_validator("margin")
+    @classmethod
+    def known_margins(cls, value: dict) -> dict:
+        for metric, margin in value.items():
+            if not GATEABLE.fullmatch(metric):
+                raise ValueError(f"margin for unknown metric {metric!r}; use mse, rmse, mae, recall_at_K or ndcg_at_K")
+            number = margin
+            if isinstance(margin, str):
+                try:
+                    number = float(margin.rstrip("%")) if margin.endswith("%") else None
+                except ValueError:
+                    number = None
+                if number is None:
+                    raise ValueError(f"margin {metric}={margin!r}: use a number or a percentage such as '2%'")
+            if number < 0:
+                raise ValueError(f"margin {metric}={margin!r} must not be negative")
+        return value
+
+
+class MonitorConfig(BaseModel):
+    """Drift of tonight's new events against the history, and what it does to promotion."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    drift_method: Literal["jensenshannon", "psi", "wasserstein", "hellinger"] = Field(
+        "jensenshannon",
+        description="Evidently drift method pinned for every monitored column (its automatic choice "
+        "switches from p-values to distances above 1,000 rows); all four are distances, 0 = no change.",
+    )
+    column_threshold: float = Field(
+        0.1, gt=0.0, description="A column drifts when its score reaches this (Evidently's default for distances)."
+    )
+    drift_threshold: float = Field(
+        0.8, ge=0.0, le=1.0,
+        description="Share of drifted columns above which the challenger is not promoted automatically "
+        "(ordinary MovieLens weeks reach 0.67: new items and the bootstrap night's heavy raters drift every week).",
+    )
+    hold_columns: list[Literal["rating", "user_ratings", "item_popularity", "text_length", "new_user", "new_item"]] = Field(
+        default_factory=lambda: ["rating"],
+        description="Columns whose drift alone holds the challenger (the rating distribution above all).",
+    )
+    reference_rows: int = Field(
+        50_000, ge=100, description="History rows sampled (seeded) as the drift reference, bounding its cost."
+    )
+    seed: int = Field(0, description="Seed of the reference sample.")
 
 
 class NightlyConfig(BaseModel):
@@ -181,6 +263,7 @@ class NightlyConfig(BaseModel):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     @model_validator(mode="after")
     def gate_matches_k(self) -> "NightlyConfig":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,8 +25,9 @@ from llmrec import model as llmrec_model
 from llmrec.config import Home, NightlyConfig
 from llmrec.encoder import Encoder
 from llmrec.errors import LlmrecError
-from llmrec.gate import Decision, decide
-from llmrec.report import render_table
+from llmrec.gate import Decision, check_metrics, check_rows, decide, hold_for_drift
+from llmrec.monitor import DriftRecord, drift_hold
+from llmrec.report import comparison_markdown, comparison_png, render_table, trend_png
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 # Error codes MLflow uses for "no such registered model / alias / version".
@@ -164,12 +166,15 @@ def apply_decision(name: str, version: str, decision: Decision, description: str
     client.set_model_version_tag(name, version, "decision", "promoted" if decision.promote else "rejected")
     for check in decision.failed():
         client.set_model_version_tag(name, version, f"failed.{check.part}.{check.metric}", check.outcome())
+    if decision.drift_hold:
+        client.set_model_version_tag(name, version, "drift_hold", decision.drift_hold)
     client.update_model_version(name, version, description=description)
     if decision.promote:
         current = get_alias(name, CHAMPION)
         if current is not None and current.version != str(version):
             client.set_registered_model_alias(name, PREVIOUS, current.version)
         client.set_registered_model_alias(name, CHAMPION, version)
+        mark_champion(name, version, "promotion", decision.reason.split("\n", 1)[0])
     else:
         client.set_registered_model_alias(name, CHALLENGER, version)
 
@@ -207,6 +212,8 @@ def describe_version(
                          "gate": gated.get((part, metric), "")})
         lines += ["", f"### Metrics: {part}", "", render_table(rows, fmt=_cell)]
     lines += ["", "### Decision", "", f"**{verdict}.**", ""]
+    if decision.checks:
+        lines += [render_table(check_rows(decision)), ""]
     lines += [f"- {gated[c.part, c.metric]}: {c.rule} (challenger {_cell(c.challenger)})" for c in decision.checks]
     lines += [f"- skipped: {note}" for note in decision.skipped]
     return "\n".join(lines) + "\n"
@@ -237,7 +244,42 @@ def rollback(name: str, version: str | None = None) -> str:
     client.set_registered_model_alias(name, CHAMPION, str(version))
     if current is not None:
         client.set_registered_model_alias(name, PREVIOUS, current.version)
+    mark_champion(name, str(version), "rollback", f"rolled back from v{current.version}" if current else "rolled back")
     return str(version)
+
+
+CHAMPION_AT = "champion_at."
+
+
+def mark_champion(name: str, version: str, how: str, why: str) -> None:
+    """Record on the version that it became champion now, how (promotion, rollback,
+    approval) and why: the registry keeps no history of alias moves, these tags are it."""
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    MlflowClient().set_model_version_tag(name, str(version), f"{CHAMPION_AT}{now}", f"{how}: {why}"[:4000])
+
+
+CHAMPION_HISTORY_COLUMNS = ["since", "until", "version", "how", "why"]
+
+
+def champion_history(name: str) -> pd.DataFrame:
+    """Which version was champion when and why it became champion, oldest first, from the
+    versions' `champion_at.<time>` tags; `until` is empty for the current champion."""
+    try:
+        found = MlflowClient().search_model_versions(f"name = '{name}'")
+    except MlflowException as exc:
+        if exc.error_code in _ABSENT:
+            return pd.DataFrame(columns=CHAMPION_HISTORY_COLUMNS)
+        raise
+    rows = []
+    for mv in found:
+        for key, value in (mv.tags or {}).items():
+            if key.startswith(CHAMPION_AT):
+                how, _, why = value.partition(": ")
+                rows.append({"since": key[len(CHAMPION_AT):], "version": str(mv.version), "how": how, "why": why})
+    rows.sort(key=lambda row: row["since"])
+    for row, following in zip(rows, rows[1:] + [None]):
+        row["until"] = following["since"] if following else ""
+    return pd.DataFrame(rows, columns=CHAMPION_HISTORY_COLUMNS)
 
 
 HISTORY_COLUMNS = ["version", "aliases", "decision", "created", "description"]
@@ -281,7 +323,7 @@ def new_run_name() -> str:
 
 def flat_params(config: NightlyConfig) -> dict[str, object]:
     out = {"landing": config.landing, "fail_on_invalid": config.fail_on_invalid}
-    for section in ("model", "training", "evaluation", "gate"):
+    for section in ("model", "training", "evaluation", "gate", "monitor"):
         for key, value in getattr(config, section).model_dump().items():
             out[f"{section}.{key}"] = value if not isinstance(value, list) else ",".join(map(str, value))
     return out
@@ -311,21 +353,28 @@ class Registered:
 
 
 def register_and_gate(config: NightlyConfig, run_name: str, window, curated, trained, metrics: dict,
-                      champion_version: str | None) -> Registered:
-    """Log the run to MLflow, register the challenger as a new version and apply the
-    promotion gate to it."""
-    decision = decide(metrics["challenger"], metrics["champion"], metrics["global_mean"], config.gate)
+                      champion_version: str | None, drift: DriftRecord | None = None) -> Registered:
+    """Log the run to MLflow (with tonight's drift record), register the challenger as a new
+    version and apply the promotion gate to it; a drifting night holds the challenger back."""
+    decision = decide(metrics["challenger"], metrics["champion"], metrics["global_mean"], config.gate,
+                      metrics.get("samples"))
+    decision = hold_for_drift(decision, drift_hold(drift, config.monitor))
     with mlflow.start_run(run_name=run_name) as run:
+        if drift is not None:
+            mlflow.log_metrics(drift.metrics())
+            mlflow.log_text(drift.json, "drift/drift.json")
+            mlflow.log_text(drift.html, "drift/drift.html")
         mlflow.log_params(flat_params(config))
         for epoch, loss in enumerate(trained.result.epoch_losses):
             mlflow.log_metric("train_loss", loss, step=epoch)
-        mlflow.log_metrics(flat_metrics(metrics))
+        mlflow.log_metrics(flat_metrics(metrics) | check_metrics(decision))
         mlflow.log_metrics({"train_ratings_per_second": trained.result.ratings_per_second,
                             "global_step": trained.global_step})
         mlflow.log_dict(curated.validation, "validation/results.json")
         mlflow.log_text(curated.validation_markdown, "validation/report.md")
         mlflow.log_dict(window.summary(), "window.json")
         mlflow.log_dict(decision.to_dict(), "decision.json")
+        log_comparison(decision, metrics.get("segments", []), champion_version)
         mlflow.set_tags({"resumed_from": trained.resumed_from or "pretrained", "ingest_seq": curated.ingest_seq,
                          "decision": "promoted" if decision.promote else "rejected"})
         example = window.held_out.head(5) if len(window.held_out) else window.train.head(5)
@@ -340,6 +389,131 @@ def register_and_gate(config: NightlyConfig, run_name: str, window, curated, tra
     return Registered(version=version, run_id=run.info.run_id, decision=decision, description=description)
 
 
+def log_comparison(decision: Decision, segments: list[dict], champion_version: str | None) -> None:
+    """The active run's comparison artifact: gate checks with intervals and metrics per
+    segment as JSON (for `llmrec versions --compare`), markdown and a PNG."""
+    against = f"champion v{champion_version}" if champion_version else "the global-mean predictor"
+    table = check_rows(decision)
+    mlflow.log_dict({"champion_version": champion_version, "checks": table, "segments": segments},
+                    "comparison/comparison.json")
+    mlflow.log_text(comparison_markdown(f"Challenger vs {against}", table, segments), "comparison/comparison.md")
+    with tempfile.TemporaryDirectory() as scratch:
+        image = Path(scratch) / "comparison.png"
+        comparison_png(decision.checks, image)
+        mlflow.log_artifact(str(image), "comparison")
+
+
+def compare_versions(name: str, a: str, b: str) -> str:
+    """Text comparing versions `a` and `b`: their logged metrics side by side (each measured
+    on its own night's rows), and the stored paired comparison where one was gated against
+    the other (same rows, with intervals and segments)."""
+    client = MlflowClient()
+    runs = {}
+    for version in (a, b):
+        try:
+            runs[version] = client.get_run(client.get_model_version(name, str(version)).run_id)
+        except MlflowException as exc:
+            if exc.error_code in _ABSENT:
+                raise LlmrecError(f"registered model {name!r} has no version {version!r}") from exc
+            raise
+    rows = []
+    for key in sorted(set(runs[a].data.metrics) | set(runs[b].data.metrics)):
+        if not key.startswith("challenger."):
+            continue
+        _, part, metric = key.split(".", 2)
+        va, vb = runs[a].data.metrics.get(key), runs[b].data.metrics.get(key)
+        rows.append({"part": part, "metric": metric, f"v{a}": va, f"v{b}": vb,
+                     f"v{b} - v{a}": vb - va if va is not None and vb is not None else None})
+    text = [f"v{a} vs v{b}: each version's metrics on its own night's held-out rows (not paired)", "",
+            render_table(rows, style="text")]
+    for ours, theirs in ((a, b), (b, a)):
+        try:
+            stored = mlflow.artifacts.load_dict(f"runs:/{runs[ours].info.run_id}/comparison/comparison.json")
+        except (MlflowException, OSError):
+            continue
+        if str(stored.get("champion_version")) != str(theirs):
+            continue
+        text += ["", f"v{ours} was gated against champion v{theirs} on the same rows:", "",
+                 render_table(stored["checks"], style="text") if stored["checks"] else "(no checks)", "",
+                 "per segment:", "", render_table(stored["segments"], style="text") if stored["segments"] else ""]
+    if len(text) == 3:
+        text += ["", "neither was gated against the other: no paired comparison on the same rows is stored"]
+    return "\n".join(text)
+
+
 def log_report(run_id: str, report: str) -> None:
     """The nightly markdown report, beside the run it describes."""
     MlflowClient().log_text(run_id, report, "report.md")
+
+
+TREND_RUN_TAG = "llmrec.trend"
+TREND_METRICS = ("rmse", "mae", "recall_at_10", "ndcg_at_10")
+
+
+def trend_run(experiment: str) -> str:
+    """The experiment's one long-lived `trend` run (created on first use): every night
+    appends the served champion's metrics to its metric histories with step = night."""
+    found = mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.`{TREND_RUN_TAG}` = 'champion'",
+                               output_format="list", max_results=1)
+    if found:
+        return found[0].info.run_id
+    client = MlflowClient()
+    run = client.create_run(mlflow.get_experiment_by_name(experiment).experiment_id, run_name="champion-trend",
+                            tags={TREND_RUN_TAG: "champion"})
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def served_metrics(metrics: dict, decision: Decision) -> dict:
+    """Tonight's metrics of the model that serves after the decision: the challenger when
+    promoted, else the champion (scored on the same rows)."""
+    return metrics["challenger"] if decision.promote or metrics.get("champion") is None else metrics["champion"]
+
+
+def log_trend(experiment: str, night: int, version: str, metrics: dict, drift: DriftRecord | None) -> None:
+    """Append one night to the trend run: `<part>.<metric>` of the serving champion, its
+    version, and the drift share, all at step = night (the ingest sequence)."""
+    values = {f"{part}.{name}": value for part, part_metrics in metrics.items()
+              for name, value in part_metrics.items() if name in TREND_METRICS and value == value}
+    values["champion_version"] = float(version)
+    if drift is not None:
+        values["drift.share"] = drift.share
+    client, run_id = MlflowClient(), trend_run(experiment)
+    stamp = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(key, float(value), stamp, night)
+                                      for key, value in values.items()])
+
+
+def trend_table(experiment: str) -> pd.DataFrame:
+    """The trend run's metric histories as one row per night (empty before the first night)."""
+    if mlflow.get_experiment_by_name(experiment) is None:
+        return pd.DataFrame()
+    found = mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.`{TREND_RUN_TAG}` = 'champion'",
+                               output_format="list", max_results=1)
+    if not found:
+        return pd.DataFrame()
+    client, run = MlflowClient(), found[0]
+    columns = {}
+    for key in run.data.metrics:
+        # The last value logged for a night wins (a night that is rerun overwrites itself).
+        history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))
+        columns[key] = {m.step: m.value for m in history}
+    frame = pd.DataFrame(columns).sort_index()
+    frame.index.name = "night"
+    if "champion_version" in frame:
+        frame["champion_version"] = frame["champion_version"].astype("Int64")
+    return frame
+
+
+def record_trend(experiment: str, registered: Registered, metrics: dict, champion_version: str | None, night: int,
+                 drift: DriftRecord | None, image: Path) -> Path | None:
+    """Append tonight to the trend run, draw the whole trend into `image` and log it beside
+    the nightly run; None when no model serves (a rejected first model)."""
+    served = registered.version if registered.decision.promote else champion_version
+    if served is None:
+        return None
+    log_trend(experiment, night, served, served_metrics(metrics, registered.decision), drift)
+    image.parent.mkdir(parents=True, exist_ok=True)
+    trend_png(trend_table(experiment), image)
+    MlflowClient().log_artifact(registered.run_id, str(image))
+    return image

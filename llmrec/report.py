@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+from llmrec.gate import check_rows
 from llmrec.window import PARTS
 
 
@@ -55,7 +56,7 @@ def metrics_rows(metrics: dict) -> list[dict]:
 
 
 def run_report(run_name: str, batch, curated=None, window=None, trained=None, metrics: dict | None = None,
-               registered=None, note: str = "") -> str:
+               registered=None, note: str = "", drift=None, trend_image: str | None = None) -> str:
     """The markdown a reviewer reads in the Prefect UI and in the MLflow run."""
     lines = [f"# llmrec nightly run `{run_name}`", ""]
     if note:
@@ -74,10 +75,81 @@ def run_report(run_name: str, batch, curated=None, window=None, trained=None, me
                   f"- global step {trained.start_step} -> {trained.global_step}; vocab {trained.vocab}",
                   f"- epoch losses: {', '.join(f'{x:.4f}' for x in trained.result.epoch_losses)}",
                   f"- {trained.result.ratings_per_second:,.0f} ratings/s", ""]
+    if drift is not None:
+        lines += ["## Drift of tonight's events from the history", "",
+                  f"- {drift.current_rows} new rows against {drift.reference_rows} history rows; method "
+                  f"{drift.method}, a column drifts at score >= {drift.threshold}; drifted share {drift.share:.2f}",
+                  "", render_table(drift.rows()), ""]
     if metrics is not None:
         lines += ["## Challenger vs champion", "", render_table(metrics_rows(metrics)), ""]
     if registered is not None:
         d = registered.decision
         lines += ["## Decision", "", f"- version **{registered.version}** -> alias `{d.alias}`", f"- {d.reason}"]
         lines += [f"- failed: {c.part}.{c.metric}: {c.outcome()}" for c in d.failed()]
+        if d.checks:
+            lines += ["", "### Checks", "", render_table(check_rows(d))]
+    if trend_image:
+        lines += ["", "## Trend", "", f"![served champion night after night]({trend_image})"]
     return "\n".join(lines)
+
+
+def trend_png(trend, path) -> None:
+    """The champion's metrics night after night (one panel per metric, a line per part) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    names = sorted({column.split(".", 1)[1] for column in trend.columns if column.split(".", 1)[0] in PARTS})
+    figure, axes = plt.subplots(1, max(1, len(names)), figsize=(4 * max(1, len(names)), 3), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        for part in PARTS:
+            column = f"{part}.{name}"
+            if column in trend:
+                axis.plot(trend.index, trend[column], marker="o", label=part)
+        axis.set_title(name)
+        axis.set_xlabel("night")
+        axis.legend()
+    figure.suptitle("served champion, night after night")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def comparison_markdown(title: str, check_table: list[dict], segments: list[dict]) -> str:
+    """The registry's comparison artifact: the gate's checks (estimate, interval, margin,
+    outcome) and the metrics per segment, challenger beside champion."""
+    lines = [f"# {title}", "", "## Gate checks (challenger - champion, same rows)", ""]
+    lines.append(render_table(check_table) if check_table else "(no checks)")
+    lines += ["", "## Metrics per segment", "", render_table(segments) if segments else "(no segments)", ""]
+    return "\n".join(lines)
+
+
+def comparison_png(checks, path) -> None:
+    """One panel per check: the difference challenger - champion with its interval and the
+    margin on the worse side (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    count = max(1, len(checks))
+    figure, axes = plt.subplots(1, count, figsize=(2.6 * count, 3), squeeze=False)
+    for axis, check in zip(axes[0], checks):
+        difference = check.challenger - check.reference if check.difference is None else check.difference
+        if check.low is not None:
+            # A percentile interval need not contain the estimate; matplotlib wants one-sided lengths.
+            axis.errorbar([0], [difference], yerr=[[max(0.0, difference - check.low)], [max(0.0, check.high - difference)]],
+                          fmt="o", capsize=6, color="tab:red" if not check.passed else "tab:blue")
+        else:
+            axis.plot([0], [difference], "o", color="tab:red" if not check.passed else "tab:blue")
+        axis.axhline(0.0, color="grey", linewidth=0.8)
+        if check.margin is not None:
+            worse_side = check.margin if check.metric in ("mse", "rmse", "mae") else -check.margin
+            axis.axhline(worse_side, color="tab:red", linestyle="--", linewidth=0.8)
+        axis.set_xticks([])
+        axis.set_title(f"{check.part}\n{check.metric}", fontsize=9)
+    figure.suptitle("challenger - champion")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
-from llmrec import curate, encoder, evaluate as evaluation, ingest as ingestion, registry, train, window as windows
+from llmrec import curate, encoder, evaluate as evaluation, ingest as ingestion, monitor, registry, train, window as windows
 from llmrec.config import Home, NightlyConfig
 
 IO_RETRIES = dict(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
@@ -68,7 +68,20 @@ def evaluate(night_window, events, trained: train.Trained, champion, cache, text
     return evaluation.evaluate_models(night_window, events, trained.checkpoint, champion.checkpoint, cache, texts, config)
 
 
+@task(name="drift", **IN_MEMORY)
+def drift(events, watermark: int, texts, config: NightlyConfig) -> monitor.DriftRecord | None:
+    return monitor.night_drift(events, watermark, texts, config.monitor)
+
+
 @task(name="register-and-gate", **IO_RETRIES, **IN_MEMORY)
 def register_and_gate(config: NightlyConfig, run_name: str, night_window, curated, trained, metrics,
-                      champion_version: str | None) -> registry.Registered:
-    return registry.register_and_gate(config, run_name, night_window, curated, trained, metrics, champion_version)
+                      champion_version: str | None, drift_record) -> registry.Registered:
+    return registry.register_and_gate(config, run_name, night_window, curated, trained, metrics, champion_version,
+                                      drift_record)
+
+
+@task(name="record-trend", **IO_RETRIES, **IN_MEMORY)
+def record_trend(config: NightlyConfig, home: Home, run_name: str, registered, metrics, champion_version,
+                 night: int, drift_record):
+    return registry.record_trend(config.experiment, registered, metrics, champion_version, night, drift_record,
+                                 home.runs / run_name / "trend.png")

@@ -246,7 +246,7 @@ def test_load_movielens_text_fields(tmp_path):
     # latin-1 titles decode.
     assert "Misérables, Les (1995)" in set(items["title"])
     assert list(users.columns) == ["user_id", "age", "gender", "occupation", "zip"]
-    assert events["item_id"].dtype == "str" and events["rating"].dtype == "float64"
+    assert pd.api.types.is_string_dtype(events["item_id"]) and events["rating"].dtype == "float64"
 
 
 # --- MovieLens errors, on tiny hand-written files (no real data needed) ----------------

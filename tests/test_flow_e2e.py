@@ -122,7 +122,9 @@ def test_nightly_flow_end_to_end(prefect_server, world):
     assert registry.get_alias(config.registered_model, "challenger").version == fourth["version"]
     rejected = MlflowClient().get_model_version(config.registered_model, fourth["version"])
     assert rejected.tags["decision"] == "rejected"
-    assert any(key.startswith("failed.") for key in rejected.tags)
+    # Inverted ratings drift from the history: the night is held whatever the checks say.
+    assert "rating" in fourth["drift"]["drifted"], fourth["drift"]
+    assert rejected.tags["drift_hold"].startswith("new events drift from the history (rating drifted")
     assert "Rejected" in rejected.description and "champion" in rejected.description
 
     # The champion serves through MLflow's pyfunc, for known and unseen ids alike.
@@ -130,6 +132,17 @@ def test_nightly_flow_end_to_end(prefect_server, world):
     frame = pd.DataFrame({"user_id": ["0", "never-seen"], "item_id": ["0", "never-seen"]})
     out = model.predict(frame)
     assert list(out.columns) == ["prediction"] and np.isfinite(out["prediction"]).all()
+
+    # Each registered night left a drift record, gate evidence and a trend point in MLflow.
+    run = MlflowClient().get_run(rejected.run_id)
+    assert run.data.metrics["drift.rating"] >= config.monitor.column_threshold
+    assert any(key.startswith("gate.held_out.") for key in run.data.metrics)
+    artifacts = {a.path for a in MlflowClient().list_artifacts(rejected.run_id)}
+    assert {"drift", "report.md", "trend.png"} <= artifacts
+    report = mlflow.artifacts.load_text(f"runs:/{rejected.run_id}/report.md")
+    assert "## Drift of tonight's events" in report and "### Checks" in report and "![served champion" in report
+    trend = registry.trend_table(config.experiment)
+    assert len(trend) == 4 and list(trend["champion_version"])[-1] == int(champion_before)
 
     # The run left a markdown report and every version keeps its record.
     history = versions(config)

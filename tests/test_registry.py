@@ -12,6 +12,7 @@ from llmrec.errors import LlmrecError
 from llmrec.gate import decide
 from llmrec.registry import (
     apply_decision,
+    champion_history,
     configure,
     describe_version,
     download_checkpoint,
@@ -86,7 +87,7 @@ def log_version(home: Home, value: float) -> str:
 def gate_and_apply(version: str, rmse: float) -> None:
     champion = get_alias(NAME, "champion")
     champion_metrics = metrics(float(champion.tags["rmse"])) if champion else None
-    decision = decide(metrics(rmse), champion_metrics, GLOBAL_MEAN, GateConfig())
+    decision = decide(metrics(rmse), champion_metrics, GLOBAL_MEAN, GateConfig(rule="point"))
     window = {"rows_trained": 100}
     apply_decision(NAME, version, decision, describe_version(window, metrics(rmse), champion_metrics,
                                                               champion.version if champion else None, decision))
@@ -167,6 +168,13 @@ def test_promoted_third_moves_previous_and_rollback_restores(two_versions):
     assert get_alias(NAME, "champion").version == v2
     assert get_alias(NAME, "previous").version == v1
 
+    changes = champion_history(NAME)
+    assert list(changes["version"]) == ["1", "3", "1", "2"]
+    assert list(changes["how"]) == ["promotion", "promotion", "rollback", "rollback"]
+    assert changes["why"].iloc[0].startswith("Promoted") and changes["why"].iloc[3] == "rolled back from v1"
+    assert list(changes["until"]) == list(changes["since"].iloc[1:]) + [""]
+    assert changes["since"].is_monotonic_increasing
+
     history = version_history(NAME)
     assert list(history["version"]) == ["1", "2", "3"]
     assert list(history["aliases"]) == ["previous", "challenger, champion", ""]
@@ -191,7 +199,7 @@ def test_version_history_of_unknown_model_is_empty(home):
 
 def test_download_checkpoint_returns_the_logged_files(home, tmp_path):
     version = log_version(home, 1.5)
-    apply_decision(NAME, version, decide(metrics(0.9), None, GLOBAL_MEAN, GateConfig()), "first")
+    apply_decision(NAME, version, decide(metrics(0.9), None, GLOBAL_MEAN, GateConfig(rule="point")), "first")
     info = get_alias(NAME, "champion")
     local = download_checkpoint(info, tmp_path / "download")
     assert local.is_dir() and local.is_relative_to(tmp_path / "download")
@@ -208,7 +216,7 @@ def test_download_checkpoint_returns_the_logged_files(home, tmp_path):
 def test_describe_version_has_window_both_values_and_reason():
     champion = metrics(0.93)
     challenger = metrics(0.95)
-    decision = decide(challenger, champion, GLOBAL_MEAN, GateConfig())
+    decision = decide(challenger, champion, GLOBAL_MEAN, GateConfig(rule="point"))
     window = {"first_event_time": "2026-11-01 00:00:00", "rows_trained": 1200, "held_out_rows": 130}
     text = describe_version(window, challenger, champion, "4", decision)
     assert text.splitlines()[0] == decision.reason
@@ -221,7 +229,7 @@ def test_describe_version_has_window_both_values_and_reason():
 
 def test_describe_first_version_without_champion():
     challenger = metrics(0.95)
-    decision = decide(challenger, None, GLOBAL_MEAN, GateConfig())
+    decision = decide(challenger, None, GLOBAL_MEAN, GateConfig(rule="point"))
     text = describe_version({}, challenger, None, None, decision)
     assert "| rmse | 0.95 |  |  | pass |" in text
     assert text.startswith("Promoted") and "**Promoted, aliased `champion`.**" in text
@@ -237,3 +245,34 @@ def test_configure_does_not_leak_one_home_into_the_next(tmp_path, monkeypatch):
     finally:
         mlflow.set_tracking_uri(previous_uri)
         os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def test_compare_versions_prints_metrics_and_the_stored_paired_comparison(home):
+    from llmrec.gate import Check
+    from llmrec.registry import compare_versions, log_comparison
+
+    versions = []
+    for value, champion in ((1.0, None), (2.0, "1")):
+        checkpoint = home.root / f"ckpt-{value}"
+        checkpoint.mkdir()
+        (checkpoint / "value.json").write_text("{}")
+        code = home.root / "model_code.py"
+        code.write_text(MODEL_CODE)
+        with mlflow.start_run():
+            mlflow.log_metrics({"challenger.held_out.rmse": value, "challenger.anchor.rmse": value / 2})
+            check = Check("held_out", "rmse", value, 1.0, "champion", False, "rule", difference=value - 1.0,
+                          low=0.5, high=1.5, margin=0.0, samples=300, status="fail")
+            decision = decide(metrics(value), None, GLOBAL_MEAN, GateConfig(rule="point"))
+            decision.checks = [check]
+            log_comparison(decision, [{"part": "held_out", "segment": "cold users", "rows": 12}], champion)
+            versions.append(log_model_version(NAME, checkpoint, str(code), INPUT,
+                                              pd.DataFrame({"score": [value] * len(INPUT)}), ["pandas"]))
+    text = compare_versions(NAME, *versions)
+    assert "v1 - v2" not in text and "v2 - v1" in text
+    assert "v2 was gated against champion v1 on the same rows" in text
+    assert "[+0.5, +1.5]" in text and "cold users" in text
+    run = mlflow.MlflowClient().get_model_version(NAME, "2").run_id
+    assert {a.path for a in mlflow.MlflowClient().list_artifacts(run, "comparison")} == {
+        "comparison/comparison.json", "comparison/comparison.md", "comparison/comparison.png"}
+    with pytest.raises(LlmrecError, match="no version '7'"):
+        compare_versions(NAME, "1", "7")

@@ -1,0 +1,125 @@
+"""Night-by-night monitoring: how far tonight's new events drift from the training history
+(an Evidently data-drift report), and whether that drift must hold the challenger back.
+
+Every event row is described by the columns below; tonight's new rows (ingest sequence
+above the champion's watermark) are the current data, the older curated rows the reference.
+
+    rating          the rating itself
+    user_ratings    ratings the row's user gave in the row's night (heavy raters, bots)
+    item_popularity log(1 + ratings of the row's item in the history): popular vs long tail
+    text_length     characters of the item's text (catalog changes)
+    new_user        "yes" when the row's user first appears in the row's night
+    new_item        the same for the item
+
+Evidently picks a drift test by sample size (p-values up to 1,000 rows, distances above),
+so its per-column scores would change meaning from night to night; the method is pinned
+(`monitor.drift_method`, default Jensen-Shannon distance, 0 = same distribution, 1 =
+disjoint) with its threshold, and a column drifts when its score reaches the threshold.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from llmrec.config import MonitorConfig
+from llmrec.schema import CatalogTexts
+
+NUMERIC = ["rating", "user_ratings", "item_popularity", "text_length"]
+CATEGORICAL = ["new_user", "new_item"]
+
+
+def drift_columns(events: pd.DataFrame, watermark: int, texts: CatalogTexts) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(reference, current): the monitored columns of the history (ingest sequence <=
+    `watermark`) and of tonight's new rows."""
+    seq = events["_ingest_seq"]
+    history = events[seq <= watermark]
+    popularity = history.groupby("item_id").size()
+    frame = pd.DataFrame({
+        "rating": events["rating"].astype(np.float64),
+        "user_ratings": events.groupby(["_ingest_seq", "user_id"])["user_id"].transform("size").astype(np.float64),
+        "item_popularity": np.log1p(events["item_id"].map(popularity).fillna(0.0).astype(np.float64)),
+        "text_length": events["item_id"].map(lambda item: len(texts.items.get(item, ""))).astype(np.float64),
+        "new_user": np.where(events.groupby("user_id")["_ingest_seq"].transform("min") == seq, "yes", "no"),
+        "new_item": np.where(events.groupby("item_id")["_ingest_seq"].transform("min") == seq, "yes", "no"),
+    }, index=events.index)
+    return frame[seq <= watermark].reset_index(drop=True), frame[seq > watermark].reset_index(drop=True)
+
+
+@dataclass
+class DriftRecord:
+    """Tonight's drift: per-column scores, which columns drifted, the drifted share, and
+    the Evidently snapshot as JSON and HTML (for MLflow artifacts)."""
+
+    method: str
+    threshold: float
+    scores: dict[str, float]
+    drifted: list[str]
+    share: float
+    reference_rows: int
+    current_rows: int
+    json: str = ""
+    html: str = ""
+
+    def metrics(self) -> dict[str, float]:
+        """MLflow metrics: drift.share and drift.<column> (the pinned method's score)."""
+        return {"drift.share": self.share} | {f"drift.{column}": score for column, score in self.scores.items()}
+
+    def rows(self) -> list[dict]:
+        """One row per column for render_table."""
+        return [{"column": column, "score": score, "threshold": self.threshold,
+                 "drifted": "yes" if column in self.drifted else "no"} for column, score in self.scores.items()]
+
+
+def measure_drift(reference: pd.DataFrame, current: pd.DataFrame, config: MonitorConfig) -> DriftRecord:
+    """Run Evidently's data-drift preset with the pinned method on every monitored column.
+    The reference is subsampled to `config.reference_rows` (seeded) to bound the cost."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset
+
+    if len(reference) > config.reference_rows:
+        reference = reference.sample(n=config.reference_rows, random_state=config.seed).reset_index(drop=True)
+    definition = DataDefinition(numerical_columns=NUMERIC, categorical_columns=CATEGORICAL)
+    preset = DataDriftPreset(method=config.drift_method, threshold=config.column_threshold)
+    snapshot = Report([preset]).run(Dataset.from_pandas(current, data_definition=definition),
+                                    Dataset.from_pandas(reference, data_definition=definition))
+    scores = {}
+    for metric in snapshot.dict()["metrics"]:
+        if metric["config"]["type"].endswith("ValueDrift"):
+            scores[metric["config"]["column"]] = float(metric["value"])
+    scores = {column: scores[column] for column in NUMERIC + CATEGORICAL if column in scores}
+    drifted = [column for column, score in scores.items() if score >= config.column_threshold]
+    share = len(drifted) / len(scores) if scores else 0.0
+    with tempfile.TemporaryDirectory() as scratch:
+        snapshot.save_html(str(Path(scratch) / "drift.html"))
+        html = (Path(scratch) / "drift.html").read_text()
+    return DriftRecord(config.drift_method, config.column_threshold, scores, drifted, share, len(reference),
+                       len(current), json=snapshot.json(), html=html)
+
+
+def drift_hold(record: DriftRecord | None, config: MonitorConfig) -> str | None:
+    """Why tonight's challenger must not be promoted automatically, or None: a drifted column
+    of `config.hold_columns` (the rating distribution), or a drifted share above
+    `config.drift_threshold`. The reason names the columns and their scores."""
+    if record is None:
+        return None
+    named = [c for c in record.drifted if c in config.hold_columns]
+    if not named and record.share <= config.drift_threshold:
+        return None
+    scores = ", ".join(f"{c} {record.scores[c]:.3f}" for c in record.drifted)
+    why = (f"{', '.join(named)} drifted" if named
+           else f"drift share {record.share:.2f} > monitor.drift_threshold {config.drift_threshold}")
+    return (f"new events drift from the history ({why}; {record.method} score >= {record.threshold}: "
+            f"{scores})")
+
+
+def night_drift(events: pd.DataFrame, watermark: int, texts: CatalogTexts, config: MonitorConfig) -> DriftRecord | None:
+    """Tonight's drift record; None on the first night (no history) or without new rows."""
+    reference, current = drift_columns(events, watermark, texts)
+    if reference.empty or current.empty:
+        return None
+    return measure_drift(reference, current, config)

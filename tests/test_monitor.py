@@ -1,0 +1,106 @@
+"""Drift record (Evidently, pinned method), the drift hold, and the champion's trend."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from llmrec.config import MonitorConfig
+from llmrec.gate import Decision, hold_for_drift
+from llmrec.monitor import drift_columns, drift_hold, night_drift
+from llmrec.schema import CatalogTexts
+
+
+def nights(n_rows=1500, seed=0, tonight=None) -> pd.DataFrame:
+    """Two nights of ratings from the same distribution; `tonight` rewrites night 2."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({
+        "user_id": rng.integers(0, 200, 2 * n_rows).astype(str),
+        "item_id": rng.integers(0, 300, 2 * n_rows).astype(str),
+        "rating": rng.choice([1.0, 2.0, 3.0, 4.0, 5.0], 2 * n_rows, p=[0.06, 0.11, 0.27, 0.34, 0.22]),
+        "_ingest_seq": np.repeat([1, 2], n_rows),
+    })
+    if tonight is not None:
+        frame = tonight(frame)
+    return frame
+
+
+TEXTS = CatalogTexts(users={}, items={str(i): "x" * (10 + i % 7) for i in range(300)})
+
+
+def test_drift_columns_by_hand():
+    events = pd.DataFrame({
+        "user_id": ["a", "a", "b", "a", "c", "c"],
+        "item_id": ["x", "y", "x", "x", "z", "x"],
+        "rating": [4.0, 3.0, 5.0, 1.0, 2.0, 2.0],
+        "_ingest_seq": [1, 1, 1, 2, 2, 2],
+    })
+    reference, current = drift_columns(events, 1, CatalogTexts({}, {"x": "abc", "y": "ab"}))
+    assert list(reference["user_ratings"]) == [2, 2, 1] and list(current["user_ratings"]) == [1, 2, 2]
+    assert list(current["new_user"]) == ["no", "yes", "yes"] and list(current["new_item"]) == ["no", "yes", "no"]
+    assert current["item_popularity"].tolist() == pytest.approx([np.log(3), 0.0, np.log(3)])
+    assert list(current["text_length"]) == [3, 0, 3] and list(current["rating"]) == [1.0, 2.0, 2.0]
+
+
+def test_same_distribution_is_not_held():
+    record = night_drift(nights(), 1, TEXTS, MonitorConfig())
+    assert record.method == "jensenshannon" and record.current_rows == 1500 and record.reference_rows == 1500
+    assert set(record.scores) == {"rating", "user_ratings", "item_popularity", "text_length", "new_user", "new_item"}
+    assert record.scores["rating"] < 0.1 and "rating" not in record.drifted
+    assert drift_hold(record, MonitorConfig()) is None
+    assert record.metrics()["drift.share"] == record.share and "drift.rating" in record.metrics()
+    assert "<html" in record.html.lower() and '"metrics"' in record.json
+
+
+def test_inverted_ratings_hold_the_challenger_and_name_the_column():
+    def invert(frame):
+        frame.loc[frame["_ingest_seq"] == 2, "rating"] = 6 - frame.loc[frame["_ingest_seq"] == 2, "rating"]
+        return frame
+
+    record = night_drift(nights(tonight=invert), 1, TEXTS, MonitorConfig())
+    assert "rating" in record.drifted and record.scores["rating"] > 0.2
+    reason = drift_hold(record, MonitorConfig())
+    assert reason.startswith("new events drift from the history (rating drifted")
+    assert f"rating {record.scores['rating']:.3f}" in reason
+    # The rating alone holds; without it in hold_columns only the share would.
+    assert drift_hold(record, MonitorConfig(hold_columns=[], drift_threshold=0.9)) is None
+
+
+def test_first_night_has_no_drift_record():
+    assert night_drift(nights(), 0, TEXTS, MonitorConfig()) is None
+
+
+def test_drift_turns_a_promotion_into_a_rejection():
+    promoted = Decision(True, "champion", "Promoted: fine.", [])
+    held = hold_for_drift(promoted, "new events drift from the history (rating drifted; ...)")
+    assert not held.promote and held.alias == "challenger"
+    assert held.reason.startswith("Rejected (drift hold): new events drift") and "Promoted: fine." in held.reason
+    assert held.drift_hold.startswith("new events drift")
+    assert hold_for_drift(promoted, None) is promoted
+    rejected = Decision(False, "challenger", "Rejected: rmse.", [])
+    assert hold_for_drift(rejected, "drift") is rejected
+
+
+def test_trend_history_table_and_png(tmp_path, monkeypatch):
+    import mlflow
+
+    from llmrec import registry
+    from llmrec.config import Home
+    from llmrec.report import trend_png
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    previous = mlflow.get_tracking_uri()
+    try:
+        registry.configure(Home(tmp_path / "home"), "trend-test")
+        assert registry.trend_table("trend-test").empty
+        for night, rmse in [(1, 1.0), (2, 0.95), (3, 0.97)]:
+            registry.log_trend("trend-test", night, str(night), {"held_out": {"rmse": rmse, "mse": rmse**2},
+                                                                 "anchor": {"rmse": rmse + 0.1}}, None)
+        registry.log_trend("trend-test", 3, "3", {"held_out": {"rmse": 0.96}, "anchor": {"rmse": 1.0}}, None)  # rerun
+        trend = registry.trend_table("trend-test")
+        assert list(trend.index) == [1, 2, 3]
+        assert list(trend["held_out.rmse"]) == pytest.approx([1.0, 0.95, 0.96])
+        assert list(trend["champion_version"]) == [1, 2, 3] and "held_out.mse" not in trend
+        trend_png(trend, tmp_path / "trend.png")
+        assert (tmp_path / "trend.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        mlflow.set_tracking_uri(previous)
