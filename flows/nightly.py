@@ -16,6 +16,10 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llmrec")
 from prefect import flow  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.events import emit_event  # noqa: E402
+from prefect.exceptions import FlowPauseTimeout  # noqa: E402
+from prefect.flow_runs import pause_flow_run  # noqa: E402
+from prefect.input import RunInput  # noqa: E402
+from pydantic import Field  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
 from llmrec import registry  # noqa: E402
@@ -59,6 +63,30 @@ def alert(event: str, run_name: str, reason: str, **payload) -> None:
                payload={"run": run_name, "flow_run": flow_run.get_name() or "", "reason": reason, **payload})
 
 
+class Approval(RunInput):
+    """The form an ML engineer fills in the Prefect UI to resume a paused night."""
+
+    approve: bool = Field(description="Promote this challenger to champion (true) or reject it (false).")
+    comment: str = Field("", description="Why; stored on the model version.")
+    reviewer: str = Field("", description="Who decided.")
+
+
+def await_approval(config: NightlyConfig, run_name: str, registered: registry.Registered) -> registry.Registered:
+    """Pause the flow run until the form is submitted (or `gate.approval_timeout` passes,
+    which rejects), then record the answer on the version."""
+    timeout = config.gate.approval_timeout
+    progress.info("%s approval: version %s waits for a decision in the Prefect UI (%d s)", run_name,
+                  registered.version, timeout)
+    form = Approval.with_initial_data(
+        description=f"## Promote version {registered.version}?\n\n{registered.description}", approve=False)
+    try:
+        answer = pause_flow_run(wait_for_input=form, timeout=timeout, poll_interval=2)
+        approve, reviewer, comment = answer.approve, answer.reviewer, answer.comment
+    except FlowPauseTimeout:
+        approve, reviewer, comment = None, "", f"no answer within gate.approval_timeout={timeout} s"
+    return t.apply_approval(config, registered, approve, reviewer, comment)
+
+
 def run_night(config: NightlyConfig, home: Home, run_name: str) -> dict:
     registry.configure(home, config.experiment)
     batch = t.ingest(config.landing, home)
@@ -100,6 +128,8 @@ def run_night(config: NightlyConfig, home: Home, run_name: str) -> dict:
     registered = t.register_and_gate(config, run_name, window, curated, trained, metrics, champion.version, drift)
     progress.info("%s register: version %s -> %s (%s)", run_name, registered.version, registered.decision.alias,
                   registered.decision.reason)
+    if registry.needs_approval(config, drift):
+        registered = await_approval(config, run_name, registered)
     decision = registered.decision
     alert("llmrec.night.promoted" if decision.promote else "llmrec.night.rejected", run_name, decision.reason,
           version=registered.version, failed=[f"{c.part}.{c.metric}: {c.outcome()}" for c in decision.failed()])

@@ -184,6 +184,13 @@ class GateConfig(BaseModel):
         "(not promoted, said in the reason) or ignore the check.",
     )
     seed: int = Field(0, description="bootstrap rule: seed of the resampling.")
+    require_approval: bool = Field(
+        False, description="Pause after evaluation until an ML engineer promotes or rejects the challenger "
+        "in the Prefect UI form (the gate's verdict is shown as advice)."
+    )
+    approval_timeout: int = Field(
+        86_400, ge=10, le=30 * 86_400, description="Seconds to wait for the approval; no answer means reject."
+    )
 
     @field_validator("metrics")
     @classmethod
@@ -235,6 +242,10 @@ class MonitorConfig(BaseModel):
     hold_columns: list[Literal["rating", "user_ratings", "item_popularity", "text_length", "new_user", "new_item"]] = Field(
         default_factory=lambda: ["rating"],
         description="Columns whose drift alone holds the challenger (the rating distribution above all).",
+    )
+    on_drift: Literal["reject", "approve"] = Field(
+        "reject", description="A drifting night's challenger is rejected, or held for approval as with "
+        "gate.require_approval (an engineer decides in the Prefect UI).",
     )
     reference_rows: int = Field(
         50_000, ge=100, description="History rows sampled (seeded) as the drift reference, bounding its cost."

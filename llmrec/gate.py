@@ -349,8 +349,11 @@ def decide(challenger: dict, champion: dict | None, global_mean: dict, config: G
 
 def hold_for_drift(decision: Decision, drift_reason: str | None) -> Decision:
     """A challenger the checks would promote is not promoted automatically on a night whose
-    new events drift (its own held-out rows come from the same, possibly wrong, data)."""
-    if drift_reason is None or not decision.promote:
+    new events drift (its own held-out rows come from the same, possibly wrong, data). The
+    drift is recorded on every decision of such a night, promoted or not."""
+    if drift_reason is None:
         return decision
+    if not decision.promote:
+        return replace(decision, reason=f"{decision.reason} Drift: {drift_reason}.", drift_hold=drift_reason)
     reason = f"Rejected (drift hold): {drift_reason}. The checks alone would have promoted it: {decision.reason}"
     return replace(decision, promote=False, alias="challenger", reason=reason, drift_hold=drift_reason)

@@ -11,7 +11,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -352,13 +352,28 @@ class Registered:
     description: str
 
 
+def needs_approval(config: NightlyConfig, drift: DriftRecord | None) -> bool:
+    """Whether an engineer decides tonight: always with gate.require_approval, and on a
+    drifting night with monitor.on_drift=approve."""
+    drifting = drift_hold(drift, config.monitor) is not None
+    return config.gate.require_approval or (drifting and config.monitor.on_drift == "approve")
+
+
 def register_and_gate(config: NightlyConfig, run_name: str, window, curated, trained, metrics: dict,
                       champion_version: str | None, drift: DriftRecord | None = None) -> Registered:
     """Log the run to MLflow (with tonight's drift record), register the challenger as a new
-    version and apply the promotion gate to it; a drifting night holds the challenger back."""
+    version and apply the promotion gate to it; a drifting night holds the challenger back.
+    When an approval is needed the version waits as `challenger`, the gate's verdict as advice."""
     decision = decide(metrics["challenger"], metrics["champion"], metrics["global_mean"], config.gate,
                       metrics.get("samples"))
-    decision = hold_for_drift(decision, drift_hold(drift, config.monitor))
+    if needs_approval(config, drift):
+        advice = decision.reason
+        if drift_hold(drift, config.monitor):
+            advice = f"new events drift ({drift_hold(drift, config.monitor)}); the checks say: {advice}"
+        decision = replace(decision, promote=False, alias=CHALLENGER,
+                           reason=f"Awaiting approval in the Prefect UI. Gate's advice: {advice}")
+    else:
+        decision = hold_for_drift(decision, drift_hold(drift, config.monitor))
     with mlflow.start_run(run_name=run_name) as run:
         if drift is not None:
             mlflow.log_metrics(drift.metrics())
@@ -439,6 +454,32 @@ def compare_versions(name: str, a: str, b: str) -> str:
     if len(text) == 3:
         text += ["", "neither was gated against the other: no paired comparison on the same rows is stored"]
     return "\n".join(text)
+
+
+def apply_approval(name: str, registered: Registered, approve: bool | None, reviewer: str, comment: str) -> Registered:
+    """Record an engineer's answer on the waiting version (tags `approval`, `approval_comment`,
+    `approval_reviewer`) and promote it when approved; `approve=None` = no answer in time,
+    which rejects. Returns the registered version with the final decision."""
+    client = MlflowClient()
+    verdict = {True: "approved", False: "rejected", None: "timed out"}[approve]
+    who = f" by {reviewer}" if reviewer else ""
+    reason = (f"{'Promoted' if approve else 'Rejected'}: {verdict}{who}"
+              + (f" ({comment})" if comment else "") + f". {registered.decision.reason}")
+    decision = replace(registered.decision, promote=bool(approve), alias=CHAMPION if approve else CHALLENGER,
+                       reason=reason)
+    for key, value in (("approval", verdict), ("approval_comment", comment), ("approval_reviewer", reviewer)):
+        client.set_model_version_tag(name, registered.version, key, value)
+    description = reason + "\n" + registered.description.split("\n", 1)[1]
+    client.set_model_version_tag(name, registered.version, "decision", "promoted" if approve else "rejected")
+    client.update_model_version(name, registered.version, description=description)
+    client.set_tag(registered.run_id, "decision", "promoted" if approve else "rejected")
+    if approve:
+        current = get_alias(name, CHAMPION)
+        if current is not None and current.version != registered.version:
+            client.set_registered_model_alias(name, PREVIOUS, current.version)
+        client.set_registered_model_alias(name, CHAMPION, registered.version)
+        mark_champion(name, registered.version, "approval", f"approved{who}" + (f": {comment}" if comment else ""))
+    return replace(registered, decision=decision, description=description)
 
 
 def log_report(run_id: str, report: str) -> None:

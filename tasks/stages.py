@@ -80,6 +80,11 @@ def register_and_gate(config: NightlyConfig, run_name: str, night_window, curate
                                       drift_record)
 
 
+@task(name="apply-approval", **IO_RETRIES, **IN_MEMORY)
+def apply_approval(config: NightlyConfig, registered, approve: bool | None, reviewer: str, comment: str):
+    return registry.apply_approval(config.registered_model, registered, approve, reviewer, comment)
+
+
 @task(name="record-trend", **IO_RETRIES, **IN_MEMORY)
 def record_trend(config: NightlyConfig, home: Home, run_name: str, registered, metrics, champion_version,
                  night: int, drift_record):

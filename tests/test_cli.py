@@ -56,3 +56,33 @@ def test_missing_landing_exits_2_from_the_real_console_script(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "missing" in proc.stderr and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr.split("error:")[-1]
+
+
+def test_monitor_history_and_compare_on_an_empty_home(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    previous = mlflow.get_tracking_uri()
+    try:
+        home = str(tmp_path / "home")
+        result = runner.invoke(app, ["monitor", "--home", home])
+        assert result.exit_code == 0 and "no nights recorded" in result.output
+        result = runner.invoke(app, ["history", "--home", home])
+        assert result.exit_code == 0 and "has had no champion yet" in result.output
+        result = runner.invoke(app, ["versions", "--home", home, "--compare", "1", "2"])
+        assert result.exit_code == 2 and "no version '1'" in result.output
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def test_alerts_install_needs_a_prefect_server(monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    result = runner.invoke(app, ["alerts", "install", "--webhook", "http://127.0.0.1:9/hook"])
+    assert result.exit_code == 2 and "PREFECT_API_URL is not set" in result.output
+
+
+@pytest.mark.parametrize("value, needle", [("gate.rule=median", "gate.rule"), ('gate.margin={"rmse":"x"}', "margin"),
+                                           ("monitor.hold_columns=[\"age\"]", "monitor.hold_columns")])
+def test_bad_gate_and_monitor_parameters(value, needle, tmp_path):
+    result = runner.invoke(app, ["nightly", "--landing", str(tmp_path), "--set", value])
+    assert result.exit_code == 2 and needle in result.output

@@ -125,6 +125,7 @@ def test_nightly_flow_end_to_end(prefect_server, world):
     # Inverted ratings drift from the history: the night is held whatever the checks say.
     assert "rating" in fourth["drift"]["drifted"], fourth["drift"]
     assert rejected.tags["drift_hold"].startswith("new events drift from the history (rating drifted")
+    assert "Drift: new events drift" in rejected.description or "drift hold" in rejected.description
     assert "Rejected" in rejected.description and "champion" in rejected.description
 
     # The champion serves through MLflow's pyfunc, for known and unseen ids alike.

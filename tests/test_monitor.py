@@ -76,8 +76,9 @@ def test_drift_turns_a_promotion_into_a_rejection():
     assert held.reason.startswith("Rejected (drift hold): new events drift") and "Promoted: fine." in held.reason
     assert held.drift_hold.startswith("new events drift")
     assert hold_for_drift(promoted, None) is promoted
-    rejected = Decision(False, "challenger", "Rejected: rmse.", [])
-    assert hold_for_drift(rejected, "drift") is rejected
+    rejected = hold_for_drift(Decision(False, "challenger", "Rejected: rmse.", []), "rating drifted")
+    assert not rejected.promote and rejected.reason == "Rejected: rmse. Drift: rating drifted."
+    assert rejected.drift_hold == "rating drifted"
 
 
 def test_trend_history_table_and_png(tmp_path, monkeypatch):

@@ -1,0 +1,226 @@
+"""Gate replay on MovieLens-100k: does the promotion gate tell improvement from noise?
+
+    .venv/bin/python benchmarks/gate_replay.py            # every weekly night (see docs/benchmarks.md)
+    .venv/bin/python benchmarks/gate_replay.py --quick    # the first 6 nights, 2 injected bad nights
+
+MovieLens-100k is replayed as weekly nights (the first four weeks bootstrap the first model)
+through the flow's own stages: `window.split`, `train.fine_tune` from the served champion,
+`evaluate.evaluate_models` (challenger and champion on the same held-out and anchor rows),
+`monitor.night_drift` and `gate.decide` + `gate.hold_for_drift`. Each rule (`point`, the
+earlier rule, and `bootstrap`) runs its own chain: its served champion is what it promoted.
+
+Truth, which the gate never sees: challenger and champion are both scored on the following
+4 weeks of ratings (neither trained on them), and the RMSE difference gets its own paired
+bootstrap interval (rows resampled, 95%, 2000 resamples). "Truly better" = the whole
+interval below 0, "truly worse" = the whole interval above 0, otherwise a tie (the future
+rows cannot tell them apart). Nights with fewer than 4 following weeks are not judged.
+
+Injected bad nights (gated against the same champion, never served): the night's new
+ratings inverted (6 - r); 30% of them shuffled between rows; one new user with 500
+five-star ratings of random items; a challenger trained at 100x the learning rate.
+
+Printed per rule: promotion rate, false rejections (truly better, rejected; share of truly
+better nights), false promotions (truly worse, promoted; share of judged nights), injected
+bad nights promoted, and weeks lagged (nights the served champion was older than a truly
+better challenger that had been rejected, until the next promotion).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality import weekly  # noqa: E402
+
+from llmrec.config import NightlyConfig, parse_sets  # noqa: E402
+from llmrec.data import load_movielens  # noqa: E402
+from llmrec.encoder import TextCache, load_encoder  # noqa: E402
+from llmrec.evaluate import evaluate_models, evaluate_sample  # noqa: E402
+from llmrec.gate import decide, hold_for_drift, paired_interval  # noqa: E402
+from llmrec.model import Champion  # noqa: E402
+from llmrec.monitor import drift_hold, night_drift  # noqa: E402
+from llmrec.report import render_table  # noqa: E402
+from llmrec.schema import CatalogTexts, render_text  # noqa: E402
+from llmrec.scoring import Scorer  # noqa: E402
+from llmrec.train import fine_tune  # noqa: E402
+from llmrec.window import split, without  # noqa: E402
+
+log = logging.getLogger("gate_replay")
+FUTURE_WEEKS = 4
+INJECTIONS = ("inverted", "shuffled", "bot user", "lr x100")
+
+
+def inject(kind: str, events: pd.DataFrame, night: int, items: list[str], seed: int) -> pd.DataFrame:
+    """`events` with night `night`'s new rows corrupted the `kind` way (lr x100 corrupts none)."""
+    rng = np.random.default_rng(seed)
+    events = events.copy()
+    new = np.flatnonzero(events["_ingest_seq"].to_numpy() == night)
+    rating = events.columns.get_loc("rating")
+    if kind == "inverted":
+        events.iloc[new, rating] = 6.0 - events.iloc[new, rating].to_numpy()
+    elif kind == "shuffled":
+        picked = rng.choice(new, int(0.3 * len(new)), replace=False)
+        events.iloc[picked, rating] = rng.permutation(events.iloc[picked, rating].to_numpy())
+    elif kind == "bot user":
+        times = events.iloc[new]["timestamp"]
+        stamps = pd.to_datetime(rng.integers(times.min().value, times.max().value, 500), utc=True)
+        bot = pd.DataFrame({"user_id": "injected-bot", "item_id": rng.choice(items, 500, replace=False),
+                            "rating": 5.0, "timestamp": stamps.astype(events["timestamp"].dtype), "_ingest_seq": night})
+        events = pd.concat([events, bot], ignore_index=True).sort_values("timestamp", kind="stable")
+    return events.reset_index(drop=True)
+
+
+class Replay:
+    def __init__(self, events, texts: CatalogTexts, cache: TextCache, config: NightlyConfig, workdir: Path):
+        self.events, self.texts, self.cache, self.config, self.workdir = events, texts, cache, config, workdir
+        self.items = sorted(texts.items)
+
+    def challenger(self, champion: Champion, events: pd.DataFrame, night: int, anchor, config: NightlyConfig):
+        upto = events[events["_ingest_seq"] <= night]
+        window = split(upto, champion.ingest_watermark, anchor, config.training, config.evaluation)
+        trained = fine_tune(champion, self.cache, self.texts, window, config.model, config.training,
+                            self.workdir / f"n{night}-{time.perf_counter_ns()}", "replay")
+        return window, upto, trained
+
+    def gate(self, window, upto, trained, champion: Champion, config: NightlyConfig):
+        metrics = evaluate_models(window, upto, trained.checkpoint, champion.checkpoint, self.cache, self.texts, config)
+        decision = decide(metrics["challenger"], metrics["champion"], metrics["global_mean"], config.gate,
+                          metrics["samples"])
+        drift = night_drift(upto, champion.ingest_watermark, self.texts, config.monitor) if champion.version else None
+        return hold_for_drift(decision, drift_hold(drift, config.monitor)), metrics
+
+    def truth(self, challenger, champion: Champion, night: int) -> str | None:
+        """better / worse / tie on the following weeks' RMSE, or None without enough weeks."""
+        last = int(self.events["_ingest_seq"].max())
+        if night + FUTURE_WEEKS > last:
+            return None
+        future = self.events[(self.events["_ingest_seq"] > night) & (self.events["_ingest_seq"] <= night + FUTURE_WEEKS)]
+        seen = self.events[self.events["_ingest_seq"] <= night][["user_id", "item_id"]]
+        errors = []
+        for checkpoint in (challenger, champion.checkpoint):
+            scorer = Scorer.from_checkpoint(checkpoint, self.cache, self.texts, future)
+            errors.append(evaluate_sample(scorer, future, seen, self.config.evaluation.k,
+                                          self.config.evaluation.relevant_rating)[1].errors)
+        _, low, high = paired_interval("rmse", errors[0] ** 2, errors[1] ** 2, 2000, 0.95, seed=night)
+        return "better" if high < 0 else "worse" if low > 0 else "tie"
+
+    def run(self, rule: str, nights: list[int], injected_at: dict[int, str]) -> list[dict]:
+        config = self.config.model_copy(update={"gate": self.config.gate.model_copy(update={"rule": rule})})
+        champion, anchor, rows = Champion(), None, []
+        for night in [1] + nights:
+            window, upto, trained = self.challenger(champion, self.events, night, anchor, config)
+            anchor = window.anchor
+            if champion.version is None:  # the bootstrap model serves from night 1
+                champion = Champion(version="1", checkpoint=trained.checkpoint)
+                continue
+            decision, _ = self.gate(window, upto, trained, champion, config)
+            truth = self.truth(trained.checkpoint, champion, night)
+            rows.append({"night": night, "rule": rule, "kind": "clean", "promoted": decision.promote, "truth": truth,
+                         "reason": decision.reason[:160]})
+            if night in injected_at:
+                kind = injected_at[night]
+                bad_config = config
+                if kind == "lr x100":
+                    bad_config = config.model_copy(update={"training": config.training.model_copy(
+                        update={"lr": config.training.lr * 100})})
+                bad_events = inject(kind, self.events, night, self.items, seed=night)
+                w, u, t = self.challenger(champion, bad_events, night, anchor, bad_config)
+                bad_decision, _ = self.gate(w, u, t, champion, bad_config)
+                rows.append({"night": night, "rule": rule, "kind": kind, "promoted": bad_decision.promote,
+                             "truth": None, "reason": bad_decision.reason[:160]})
+            log.info("%s night %d: %s (truth %s)", rule, night, "promoted" if decision.promote else "rejected", truth)
+            if decision.promote:
+                champion = Champion(version=str(night), checkpoint=trained.checkpoint)
+        return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    clean = [r for r in rows if r["kind"] == "clean"]
+    judged = [r for r in clean if r["truth"] is not None]
+    better = [r for r in judged if r["truth"] == "better"]
+    false_rejections = [r for r in better if not r["promoted"]]
+    false_promotions = [r for r in judged if r["truth"] == "worse" and r["promoted"]]
+    injected = [r for r in rows if r["kind"] != "clean"]
+    lag, lagging = 0, False
+    for r in clean:
+        lagging = (lagging or (r["truth"] == "better" and not r["promoted"])) and not r["promoted"]
+        lag += lagging
+    return {
+        "rule": clean[0]["rule"] if clean else "",
+        "nights": len(clean),
+        "promotion rate": f"{sum(r['promoted'] for r in clean)}/{len(clean)}",
+        "judged (better/tie/worse)": f"{len(better)}/{sum(r['truth'] == 'tie' for r in judged)}/"
+                                     f"{sum(r['truth'] == 'worse' for r in judged)}",
+        "false rejections": f"{len(false_rejections)}/{len(better)}"
+                            + (f" ({len(false_rejections) / len(better):.0%})" if better else ""),
+        "false promotions": f"{len(false_promotions)}/{len(judged)}"
+                            + (f" ({len(false_promotions) / len(judged):.0%})" if judged else ""),
+        "injected promoted": f"{sum(r['promoted'] for r in injected)}/{len(injected)}",
+        "weeks lagged": lag,
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the first 6 nights, 2 injected bad nights")
+    parser.add_argument("--nights", type=int, help="replay only this many weekly nights after the bootstrap")
+    parser.add_argument("--rules", default="point,bootstrap", help="gate rules to replay, comma-separated")
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("ML100K_DIR") or
+                                                          ROOT.parent / "shared/data/movielens-100k"))
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a NightlyConfig field (repeatable)")
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
+                        "llmrec/quality", help="encoder-output cache folder (outside the repo)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("llmrec", "httpx", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    started = time.perf_counter()
+    config = NightlyConfig(**parse_sets(args.set))
+    events, items, users = load_movielens(args.data)
+    events = weekly(events)
+    texts = CatalogTexts(render_text(users, "user_id").to_dict(), render_text(items, "item_id").to_dict())
+    torch.manual_seed(config.training.seed)
+    cache = TextCache.for_model(args.cache, load_encoder(config.model.encoder), config.model)
+    cache.features(list(texts.users.values()) + list(texts.items.values()))
+    torch.set_num_threads(args.threads)
+    last = int(events["_ingest_seq"].max())
+    count = 6 if args.quick and args.nights is None else (args.nights or last - 1)
+    nights = list(range(2, min(last, count + 1) + 1))
+    every = max(1, len(nights) // (2 if args.quick else 2 * len(INJECTIONS)))
+    kinds = INJECTIONS[:2] if args.quick else INJECTIONS
+    injected_at = {night: kinds[i % len(kinds)] for i, night in enumerate(nights[1::every][: 2 if args.quick else 2 * len(kinds)])}
+    all_rows, table = [], []
+    with tempfile.TemporaryDirectory(prefix="gate-replay-") as workdir:
+        replay = Replay(events, texts, cache, config, Path(workdir))
+        for rule in args.rules.split(","):
+            rows = replay.run(rule, nights, injected_at)
+            all_rows += rows
+            table.append(summary(rows))
+    print(render_table(all_rows, style="text"))
+    print()
+    print(render_table(table, style="text"))
+    print(f"\n{len(nights)} nights, injected {injected_at}; {time.perf_counter() - started:.0f} s")
+    return table
+
+
+if __name__ == "__main__":
+    main()

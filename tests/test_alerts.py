@@ -1,0 +1,200 @@
+"""Alerts end to end: a real Prefect server and a webhook receiver on 127.0.0.1, the
+automations from `llmrec alerts install`, and nights that fail, are rejected and quarantine
+a file; each delivers exactly one notification naming the night and the reason."""
+
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+
+from llmrec.config import NightlyConfig
+from llmrec.data import copy_drop, list_drops, synthetic_drops
+from llmrec.errors import LlmrecError
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """`prefect server start` on a free port in its own process group, stopped by group id."""
+    home, port = tmp_path_factory.mktemp("prefect-home"), free_port()
+    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    log = open(home / "server.log", "w")
+    server = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port), "--analytics-off"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            raise RuntimeError(f"Prefect server not healthy: {(home / 'server.log').read_text()[-2000:]}")
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    """An HTTP server on 127.0.0.1 keeping every POSTed body."""
+    bodies: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            bodies.append(self.rfile.read(int(self.headers.get("Content-Length", 0))).decode())
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", bodies
+    server.shutdown()
+
+
+def wait_for(bodies, predicate, count=1, timeout=90):
+    """The bodies matching `predicate` once `count` arrived, after a grace period for extras."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and sum(map(predicate, bodies)) < count:
+        time.sleep(0.5)
+    time.sleep(5)  # a duplicate would arrive within this
+    return [b for b in bodies if predicate(b)]
+
+
+def test_alerts_deliver_one_notification_per_night_event(prefect_api, receiver, tmp_path, tiny_encoder, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from app.alerts import install
+    from flows.nightly import nightly_retrain
+
+    url, bodies = receiver
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
+        names = install(url)
+        assert len(names) == 6 and install(url) == names  # re-installing replaces, never duplicates
+
+        encoder_dir = tmp_path / "tiny-bert"
+        tiny_encoder.model.save_pretrained(encoder_dir)
+        tiny_encoder.tokenizer.save_pretrained(encoder_dir)
+        drops, landing = tmp_path / "drops", tmp_path / "landing"
+        tags = synthetic_drops(drops, users=40, items=60, days=4, seed=1)
+        config = NightlyConfig(landing=str(landing), home=str(tmp_path / "home"),
+                               model={"encoder": str(encoder_dir), "dim": 8, "max_length": 16},
+                               # As in test_flow_e2e: the tiny random encoder learns with a lighter penalty.
+                               training={"epochs": 6, "lr": 0.01, "l2": 0.05},
+                               gate={"resamples": 200, "small_sample": "ignore"})
+
+        # A forced failure: the landing folder does not exist.
+        with pytest.raises(LlmrecError, match="does not exist"):
+            nightly_retrain(config=config)
+        [failed] = wait_for(bodies, lambda b: b.startswith("llmrec.night.failed"))
+        assert "does not exist" in failed and "| night nightly-" in failed and "| flow run " in failed
+
+        # Night 1 trains the first model; a quarantined file rides along.
+        for tag in tags[:3]:
+            copy_drop(drops, tag, landing)
+        (landing / "events" / "corrupt.parquet").write_bytes(b"not parquet")
+        first = nightly_retrain(config=config)
+        assert first["decision"]["promote"], first["decision"]["reason"]
+        [quarantined] = wait_for(bodies, lambda b: b.startswith("llmrec.data.quarantined"))
+        assert first["run"] in quarantined and "corrupt.parquet" in quarantined
+
+        # Night 2: inverted ratings, rejected (the drift holds it).
+        copy_drop(drops, tags[3], landing)
+        events = landing / "events" / f"events-{tags[3]}.parquet"
+        inverted = pd.read_parquet(events)
+        inverted["rating"] = 6.0 - inverted["rating"]
+        inverted.to_parquet(landing / "events" / f"inverted-{tags[3]}.parquet", index=False)
+        events.unlink()
+        second = nightly_retrain(config=config)
+        assert not second["decision"]["promote"]
+        [rejected] = wait_for(bodies, lambda b: b.startswith("llmrec.night.rejected"))
+        assert second["run"] in rejected and "Rejected" in rejected
+
+    assert sum(b.startswith("llmrec.night.failed") for b in bodies) == 1
+    assert sum(b.startswith("llmrec.data.quarantined") for b in bodies) == 1
+    assert sum(b.startswith("llmrec.night.rejected") for b in bodies) == 1
+
+
+def test_approval_pauses_the_night_and_a_resume_through_the_api_promotes(prefect_api, tmp_path, tiny_encoder,
+                                                                          monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.flow_runs import resume_flow_run
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.nightly import nightly_retrain
+    from llmrec import registry
+    from llmrec.config import Home
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    encoder_dir = tmp_path / "tiny-bert"
+    tiny_encoder.model.save_pretrained(encoder_dir)
+    tiny_encoder.tokenizer.save_pretrained(encoder_dir)
+    drops, landing = tmp_path / "drops", tmp_path / "landing"
+    tags = synthetic_drops(drops, users=40, items=60, days=4, seed=2)
+    config = NightlyConfig(landing=str(landing), home=str(tmp_path / "home"),
+                           model={"encoder": str(encoder_dir), "dim": 8, "max_length": 16},
+                           training={"epochs": 6, "lr": 0.01, "l2": 0.05},
+                           gate={"resamples": 200, "small_sample": "ignore"})
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
+        for tag in tags[:3]:
+            copy_drop(drops, tag, landing)
+        assert nightly_retrain(config=config)["decision"]["promote"]
+        copy_drop(drops, tags[3], landing)
+        waiting = config.model_copy(update={"gate": config.gate.model_copy(update={"require_approval": True,
+                                                                                   "approval_timeout": 600})})
+        result = {}
+        night = threading.Thread(target=lambda: result.update(nightly_retrain(config=waiting)))
+        night.start()
+        paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+        with get_client(sync_client=True) as client:
+            for _ in range(600):
+                runs = client.read_flow_runs(flow_run_filter=paused)
+                if runs:
+                    break
+                assert night.is_alive(), result
+                time.sleep(1)
+        [run] = runs
+        registry.configure(Home(config.home), config.experiment)
+        waiting_version = registry.get_alias(config.registered_model, "challenger")
+        assert waiting_version.description.startswith("Awaiting approval")
+        resume_flow_run(run.id, run_input={"approve": True, "comment": "checked the segments", "reviewer": "alice"})
+        night.join(timeout=600)
+    assert result["decision"]["promote"] and result["version"] == waiting_version.version
+    registry.configure(Home(config.home), config.experiment)
+    champion = registry.get_alias(config.registered_model, "champion")
+    assert champion.version == waiting_version.version
+    assert champion.tags["approval"] == "approved" and champion.tags["approval_comment"] == "checked the segments"
+    assert champion.description.startswith("Promoted: approved by alice (checked the segments)")
+    changes = registry.champion_history(config.registered_model)
+    assert list(changes["how"]) == ["promotion", "approval"]
+    assert changes["why"].iloc[-1] == "approved by alice: checked the segments"
