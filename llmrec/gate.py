@@ -8,7 +8,7 @@ Two rules (`gate.rule`):
   seeded). A check fails only when the whole interval lies beyond `gate.margin` on the worse
   side: the challenger is worse by more than the margin with that confidence. Fewer rows or
   users than `gate.min_samples` give no meaningful interval; the check then follows
-  `gate.small_sample` (hold the challenger back, or ignore the check).
+  `gate.small_sample` (ignore the check, or hold the challenger back).
 - `point`: point estimate against point estimate with an absolute `gate.tolerance`, each
   comparison checked by MLflow's own validator (`mlflow.validate_evaluation_results`).
 
@@ -93,7 +93,6 @@ class Check:
             f"{_fmt(self.reference)} (must be strictly lower)"
         )
 
-
     def _interval_outcome(self) -> str:
         unit = "users" if not lower_is_better(self.metric) else "rows"
         if self.difference is None or math.isnan(self.difference):
@@ -122,9 +121,6 @@ class Decision:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-CHECK_COLUMNS = ["part", "metric", "challenger", "reference", "difference", "interval", "margin", "n", "outcome"]
 
 
 def check_rows(decision: Decision) -> list[dict]:
@@ -327,10 +323,15 @@ def decide(challenger: dict, champion: dict | None, global_mean: dict, config: G
     elif champion is not None and not checks:
         # Nothing could be compared: keeping the proven champion is the safe choice.
         promote, head = False, "Rejected: no gated metric could be compared with the champion"
+    elif champion is not None and all(c.status == "ignored" for c in checks):
+        promote, head = False, ("Rejected: every check had too few samples for an interval "
+                                "(gate.small_sample=ignore), no evidence either way")
     elif champion is not None and config.rule == "bootstrap":
+        ignored = [f"{c.metric} on {c.part}" for c in checks if c.status == "ignored"]
         promote, head = True, (
             f"Promoted: no gated metric worse than the champion beyond its margin with "
-            f"{config.confidence:.0%} confidence ({len(checks)} checks)"
+            f"{config.confidence:.0%} confidence ({len(checks) - len(ignored)} checks"
+            + (f"; too few samples, ignored: {', '.join(ignored)}" if ignored else "") + ")"
         )
     elif champion is not None:
         promote, head = True, (

@@ -367,9 +367,9 @@ def register_and_gate(config: NightlyConfig, run_name: str, window, curated, tra
     decision = decide(metrics["challenger"], metrics["champion"], metrics["global_mean"], config.gate,
                       metrics.get("samples"))
     if needs_approval(config, drift):
-        advice = decision.reason
-        if drift_hold(drift, config.monitor):
-            advice = f"new events drift ({drift_hold(drift, config.monitor)}); the checks say: {advice}"
+        advice, drifting = decision.reason, drift_hold(drift, config.monitor)
+        if drifting:
+            advice = f"{drifting}; the checks say: {advice}"
         decision = replace(decision, promote=False, alias=CHALLENGER,
                            reason=f"Awaiting approval in the Prefect UI. Gate's advice: {advice}")
     else:

@@ -242,7 +242,9 @@ def test_ranking_checks_resample_users_and_fail_on_lower_recall():
 def test_margin_absolute_and_relative():
     worse = CHAMPION_ERRORS * 1.05  # rmse about 5% higher, every row
     champion_rmse = metrics_of(sample(CHAMPION_ERRORS))["rmse"]
-    assert not gate(sample(worse), sample(CHAMPION_ERRORS), metrics=["rmse"]).promote
+    assert not gate(sample(worse), sample(CHAMPION_ERRORS), metrics=["rmse"]).promote  # default margin 1%
+    assert gate(sample(CHAMPION_ERRORS * 1.005), sample(CHAMPION_ERRORS), metrics=["rmse"]).promote
+    assert not gate(sample(CHAMPION_ERRORS * 1.005), sample(CHAMPION_ERRORS), metrics=["rmse"], margin={}).promote
     assert gate(sample(worse), sample(CHAMPION_ERRORS), metrics=["rmse"], margin={"rmse": 0.2}).promote
     assert gate(sample(worse), sample(CHAMPION_ERRORS), metrics=["rmse"], margin={"rmse": "10%"}).promote
     assert not gate(sample(worse), sample(CHAMPION_ERRORS), metrics=["rmse"], margin={"rmse": "1%"}).promote
@@ -263,10 +265,20 @@ def test_too_few_rows_follow_small_sample(policy):
     [check] = d.checks
     assert check.low is None and check.samples == 10 and check.status == ("hold" if policy == "hold" else "ignored")
     assert "too few for an interval" in check.outcome()
+    assert not d.promote and d.alias == "challenger"
     if policy == "hold":
-        assert not d.promote and d.alias == "challenger" and d.reason.startswith("Held")
-    else:
-        assert d.promote
+        assert d.reason.startswith("Held")
+    else:  # the only check ignored: no evidence, the champion stays
+        assert d.reason.startswith("Rejected: every check had too few samples")
+
+
+def test_an_ignored_small_check_leaves_the_decision_to_the_others():
+    few_users = CHAMPION_RECALL[:5]
+    d = gate(sample(CHAMPION_ERRORS, few_users * 0.1), sample(CHAMPION_ERRORS * 1.01, few_users))
+    assert d.promote, d.reason
+    assert {(c.metric, c.status) for c in d.checks} == {("rmse", "pass"), ("recall_at_10", "ignored")}
+    assert "too few samples, ignored: recall_at_10 on held_out" in d.reason
+    assert not gate(sample(CHAMPION_ERRORS * 1.3, few_users * 0.1), sample(CHAMPION_ERRORS, few_users)).promote
 
 
 def test_nan_predictions_fail_and_missing_samples_are_skipped():
@@ -290,4 +302,4 @@ def test_evidence_goes_to_rows_and_mlflow_metrics():
     flat = check_metrics(d)
     assert flat["gate.held_out.rmse.passed"] == 0.0
     assert flat["gate.held_out.rmse.low"] < flat["gate.held_out.rmse.difference"] < flat["gate.held_out.rmse.high"]
-    assert flat["gate.held_out.rmse.margin"] == 0.0
+    assert flat["gate.held_out.rmse.margin"] == pytest.approx(0.01 * metrics_of(sample(CHAMPION_ERRORS))["rmse"])
