@@ -173,7 +173,13 @@ def test_approval_pauses_the_night_and_a_resume_through_the_api_promotes(prefect
         waiting = config.model_copy(update={"gate": config.gate.model_copy(update={"require_approval": True,
                                                                                    "approval_timeout": 600})})
         result = {}
-        night = threading.Thread(target=lambda: result.update(nightly_retrain(config=waiting)))
+
+        def paused_night():
+            # Settings contexts do not cross threads: the night must be told the server too.
+            with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
+                result.update(nightly_retrain(config=waiting))
+
+        night = threading.Thread(target=paused_night, daemon=True)
         night.start()
         paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
         with get_client(sync_client=True) as client:

@@ -1,5 +1,5 @@
 """benchmarks/gate_replay.py: the injections and the scoring of decisions by hand, and its
---quick mode end to end on the real MovieLens-100k (slow)."""
+--quick mode (cut to 3 nights) end to end on the real MovieLens-100k (slow)."""
 
 import os
 import subprocess
@@ -59,7 +59,9 @@ def test_summary_counts_false_decisions_and_lag():
 @pytest.mark.slow
 @pytest.mark.skipif(not (DATA / "u.data").exists(), reason=f"MovieLens-100k not found at {DATA}")
 def test_gate_replay_quick_runs_both_rules():
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/gate_replay.py"), "--quick", "--data", str(DATA)],
+    # --quick injects on its 2nd and 3rd nights; 3 nights of 1 epoch keep the test to minutes.
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/gate_replay.py"), "--quick", "--nights", "3",
+                          "--set", "training.epochs=1", "--data", str(DATA)],
                          capture_output=True, text=True, timeout=1800, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-4000:]
     lines = run.stdout.splitlines()
