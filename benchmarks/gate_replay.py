@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -60,7 +59,7 @@ from llmrec.report import render_table  # noqa: E402
 from llmrec.schema import CatalogTexts, render_text  # noqa: E402
 from llmrec.scoring import Scorer  # noqa: E402
 from llmrec.train import fine_tune  # noqa: E402
-from llmrec.window import split, without  # noqa: E402
+from llmrec.window import split  # noqa: E402
 
 log = logging.getLogger("gate_replay")
 FUTURE_WEEKS = 4

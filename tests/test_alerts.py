@@ -4,29 +4,21 @@ a file; each delivers exactly one notification naming the night and the reason."
 
 import http.server
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import httpx
 import pandas as pd
 import pytest
+from servers import free_port, stop, wait_healthy
 
 from llmrec.config import NightlyConfig
-from llmrec.data import copy_drop, list_drops, synthetic_drops
+from llmrec.data import copy_drop, synthetic_drops
 from llmrec.errors import LlmrecError
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,26 +26,17 @@ def prefect_api(tmp_path_factory):
     """`prefect server start` on a free port in its own process group, stopped by group id."""
     home, port = tmp_path_factory.mktemp("prefect-home"), free_port()
     env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    log = open(home / "server.log", "w")
-    server = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port), "--analytics-off"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    log_path = home / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host",
+                                   "127.0.0.1", "--port", str(port), "--analytics-off"], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
     try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            raise RuntimeError(f"Prefect server not healthy: {(home / 'server.log').read_text()[-2000:]}")
+        wait_healthy(f"{url}/health", server, log_path, seconds=240)
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
-        log.close()
+        stop(server)
 
 
 @pytest.fixture(scope="module")
