@@ -36,6 +36,13 @@ def prefect_api(tmp_path_factory):
         wait_healthy(f"{url}/health", server, log_path, seconds=240)
         yield url
     finally:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        # Flush the queues bound to this server while it is up: a queue left for a stopped
+        # server blocks the next drain (another module's test harness, or the exit) for good.
+        EventsWorker.drain_all(timeout=60)
+        APILogWorker.drain_all(timeout=60)
         stop(server)
 
 
