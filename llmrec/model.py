@@ -4,7 +4,15 @@
     v_u = W_u · enc(user text) + e_u        b_u = w_u · enc(user text) + c_u
 
 enc() is the pretrained encoder (frozen bottom, optionally fine-tuned top layers, mean
-pooled); e and c are learned per-id embeddings and biases. Row 0 of every id table is the
+pooled); e and c are learned per-id embeddings and biases.
+
+Ranking (top-k lists) adds a per-item ranking bias a_i to that score: mu + b_u + b_i +
+<v_u, v_i> + a_i, with a_i = w * log(1 + n_i) + r_i: n_i is the item's popularity (rows
+trained on, decayed by `training.popularity_decay` each night), w a learned weight and r_i
+a learned per-item offset. w and r_i are trained by the ranking term only (never by the
+rating loss): how likely an item is to be chosen at all, mostly popularity and its recent
+trend, which the rating head cannot hold (b_i must stay a rating offset). Rating
+predictions ignore a_i. Row 0 of every id table is the
 unknown id and stays zero, so a user or item never seen in training is scored from its
 text alone.
 
@@ -31,6 +39,8 @@ from llmrec.encoder import Encoder, TextFeatures, mean_pool, run_layers
 from llmrec.files import replace_atomically
 
 UNKNOWN = 0
+# Weights a checkpoint may lack because it predates them; they load as initialised (zero).
+OPTIONAL_WEIGHTS = {"item_rank.weight", "item_popularity", "popularity_weight"}
 FORMAT_VERSION = 1
 # Texts per length bucket through the trainable top layers (smaller pieces run slower
 # on a CPU, larger ones pad more; a GPU prefers big batches).
@@ -47,13 +57,18 @@ class Recommender(nn.Module):
         self.item_id = nn.Embedding(n_items, dim)
         self.user_bias = nn.Embedding(n_users, 1)
         self.item_bias = nn.Embedding(n_items, 1)
+        self.item_rank = nn.Embedding(n_items, 1)
+        # Popularity prior of the ranking: (decayed) count of the rows each item was trained
+        # on, kept across nights, and its learned weight (1 at the start: p(i) ~ count).
+        self.register_buffer("item_popularity", torch.zeros(n_items))
+        self.popularity_weight = nn.Parameter(torch.tensor(1.0))
         # One linear map per side gives both the text vector and the text bias.
         self.user_text = nn.Linear(hidden_size, dim + 1)
         self.item_text = nn.Linear(hidden_size, dim + 1)
         self.top_layers = top_layers if top_layers is not None else nn.ModuleList()
         for table in (self.user_id, self.item_id):
             nn.init.normal_(table.weight, std=0.05)
-        for table in (self.user_bias, self.item_bias):
+        for table in (self.user_bias, self.item_bias, self.item_rank):
             nn.init.zeros_(table.weight)
         for table in (self.user_id, self.item_id):
             with torch.no_grad():
@@ -81,6 +96,10 @@ class Recommender(nn.Module):
         id_vector = (self.user_id if user else self.item_id)(ids)
         id_bias = (self.user_bias if user else self.item_bias)(ids)[:, 0]
         return text[:, : self.dim] + id_vector, text[:, self.dim] + id_bias
+
+    def rank_bias(self, ids: torch.Tensor) -> torch.Tensor:
+        """a_i = w * log(1 + popularity_i) + a learned per-item offset."""
+        return self.item_rank(ids)[:, 0] + self.popularity_weight * torch.log1p(self.item_popularity[ids])
 
     def score(self, user_vec, user_bias, item_vec, item_bias) -> torch.Tensor:
         return rating(self.mu, user_vec, user_bias, item_vec, item_bias)
@@ -180,19 +199,20 @@ def new_checkpoint(encoder: Encoder, config: ModelConfig, seed: int) -> Checkpoi
 
 def grow(checkpoint: Checkpoint, user_ids, item_ids, seed: int) -> tuple[int, int]:
     """Extend the vocabularies with unseen ids; old rows and their optimizer moments keep
-    their values, new rows start small (ids) or at zero (biases, moments)."""
+    their values, new rows start small (ids) or at zero (biases, ranking bias, moments)."""
     added_users = checkpoint.users.extend(user_ids)
     added_items = checkpoint.items.extend(item_ids)
     model = checkpoint.model
     generator = torch.Generator().manual_seed(seed + checkpoint.global_step)
     for name, size in (("user_id", len(checkpoint.users)), ("user_bias", len(checkpoint.users)),
-                       ("item_id", len(checkpoint.items)), ("item_bias", len(checkpoint.items))):
+                       ("item_id", len(checkpoint.items)), ("item_bias", len(checkpoint.items)),
+                       ("item_rank", len(checkpoint.items))):
         table: nn.Embedding = getattr(model, name)
         old = table.weight.data
         if len(old) == size:
             continue
         fresh = torch.zeros(size - len(old), old.shape[1])
-        if not name.endswith("bias"):
+        if name.endswith("_id"):
             fresh.normal_(std=0.05, generator=generator)
         grown = nn.Embedding(size, old.shape[1])
         grown.weight.data = torch.cat([old, fresh])
@@ -201,6 +221,9 @@ def grow(checkpoint: Checkpoint, user_ids, item_ids, seed: int) -> tuple[int, in
         for moment, value in state.items():
             if value.dim() == 2:
                 state[moment] = torch.cat([value, torch.zeros(size - len(value), value.shape[1])])
+    popularity = model.item_popularity
+    if len(popularity) < len(checkpoint.items):
+        model.item_popularity = torch.cat([popularity, torch.zeros(len(checkpoint.items) - len(popularity))])
     return added_users, added_items
 
 
@@ -267,7 +290,12 @@ def load(folder: Path, encoder: Encoder) -> Checkpoint:
     config = ModelConfig(**meta["model_config"])
     users, items = Vocab(list(meta["user_ids"])), Vocab(list(meta["item_ids"]))
     model = Recommender(encoder.hidden_size, config.dim, len(users), len(items), top_layers_of(encoder, config))
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    # Checkpoints written before the ranking bias existed load with it at zero, which
+    # ranks exactly as they did.
+    if unexpected or set(missing) - OPTIONAL_WEIGHTS:
+        raise LlmrecError(f"{folder}: model.safetensors does not match the model (missing {sorted(missing)}, "
+                          f"unexpected {sorted(unexpected)})")
     optimizer_state: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in load_file(str(folder / "optimizer.safetensors")).items():
         name, moment = key.split("::")

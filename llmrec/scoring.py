@@ -16,6 +16,11 @@ from llmrec.schema import CatalogTexts
 CHUNK = 4096
 
 
+def rank_biases(checkpoint: Checkpoint, rows: np.ndarray) -> torch.Tensor:
+    with torch.no_grad():
+        return checkpoint.model.rank_bias(torch.as_tensor(rows, dtype=torch.long)).float()
+
+
 def side_vectors(checkpoint: Checkpoint, rows: np.ndarray, features: TextFeatures, user: bool) -> tuple[torch.Tensor, torch.Tensor]:
     model = checkpoint.model
     vectors, biases = [], []
@@ -34,11 +39,12 @@ def side_vectors(checkpoint: Checkpoint, rows: np.ndarray, features: TextFeature
 class Scorer:
     """The one scoring formula, r = mu + b_u + b_i + <v_u, v_i>, over precomputed user and
     item vectors: evaluation, the registered pyfunc, benchmarks and serving all score here.
-    An id without a vector scores as if its vector and bias were zero (mean plus the other
+    Top-k lists rank by r + a_i, a_i the item's ranking bias (zero when none is given). An id without a vector scores as if its vector and bias were zero (mean plus the other
     side's bias); build the scorer with every id you need to score from its text."""
 
     def __init__(self, mu: float, user_ids: list[str], user_vectors: torch.Tensor, user_bias: torch.Tensor,
-                 item_ids: list[str], item_vectors: torch.Tensor, item_bias: torch.Tensor, loss_kind: str = "mse"):
+                 item_ids: list[str], item_vectors: torch.Tensor, item_bias: torch.Tensor, loss_kind: str = "mse",
+                 item_rank_bias: torch.Tensor | None = None):
         self.mu = float(mu)
         self.loss_kind = loss_kind
         self.user_ids = list(user_ids)
@@ -47,6 +53,9 @@ class Scorer:
         self.item_index = {v: i for i, v in enumerate(self.item_ids)}
         self.user_vectors, self.user_bias = user_vectors.float(), user_bias.float()
         self.item_vectors, self.item_bias = item_vectors.float(), item_bias.float()
+        # The ranking bias a_i of each item: added to the score by top_k only.
+        self.item_rank_bias = (torch.zeros(len(self.item_ids)) if item_rank_bias is None
+                               else torch.as_tensor(item_rank_bias).float())
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, cache: TextCache, texts: CatalogTexts,
@@ -62,10 +71,11 @@ class Scorer:
         user_ids, item_ids = list(users), list(items)
         user_vectors, user_bias = side_vectors(checkpoint, checkpoint.users.rows(user_ids),
                                                cache.features([texts.users.get(u, "") for u in user_ids]), True)
-        item_vectors, item_bias = side_vectors(checkpoint, checkpoint.items.rows(item_ids),
+        item_rows = checkpoint.items.rows(item_ids)
+        item_vectors, item_bias = side_vectors(checkpoint, item_rows,
                                                cache.features([texts.items.get(i, "") for i in item_ids]), False)
         return cls(float(checkpoint.model.mu.detach()), user_ids, user_vectors, user_bias,
-                   item_ids, item_vectors, item_bias, checkpoint.loss_kind)
+                   item_ids, item_vectors, item_bias, checkpoint.loss_kind, rank_biases(checkpoint, item_rows))
 
     @classmethod
     def load(cls, folder: Path) -> "Scorer":
@@ -74,9 +84,10 @@ class Scorer:
 
         meta = read_state(folder)
         tensors = load_file(str(Path(folder) / "vectors.safetensors"))
+        # Vectors written before the ranking bias existed have none: it reads as zero.
         return cls(float(tensors["mu"]), meta["vector_ids"]["users"], tensors["user_vectors"], tensors["user_bias"],
                    meta["vector_ids"]["items"], tensors["item_vectors"], tensors["item_bias"],
-                   meta.get("loss_kind", meta.get("loss", "mse")))
+                   meta.get("loss_kind", meta.get("loss", "mse")), tensors.get("item_rank_bias"))
 
     def vectors(self) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
         tensors = {
@@ -85,6 +96,7 @@ class Scorer:
             "user_bias": self.user_bias,
             "item_vectors": self.item_vectors,
             "item_bias": self.item_bias,
+            "item_rank_bias": self.item_rank_bias,
         }
         return tensors, {"users": self.user_ids, "items": self.item_ids}
 
@@ -106,7 +118,8 @@ class Scorer:
 
     def top_k(self, user_ids: list[str], k: int, exclude: pd.DataFrame | None = None) -> pd.DataFrame:
         """Top-k items for each user over all items, skipping (user_id, item_id) pairs in
-        `exclude` (the items a user rated in training). Returns user_id, item_id, rank, score."""
+        `exclude` (the items a user rated in training). Ranked by the predicted rating plus
+        the item's ranking bias. Returns user_id, item_id, rank, score (the ranking score)."""
         users = torch.as_tensor([self.user_index[u] for u in user_ids], dtype=torch.long)
         excluded_rows = excluded_cols = None
         if exclude is not None and len(exclude):
@@ -120,7 +133,7 @@ class Scorer:
             chunk = users[start : start + CHUNK]
             # rating() for every (user, item) of the chunk at once, as one matrix product.
             scores = self.user_vectors[chunk] @ self.item_vectors.T
-            scores += self.user_bias[chunk, None] + self.item_bias[None, :] + self.mu
+            scores += self.user_bias[chunk, None] + (self.item_bias + self.item_rank_bias)[None, :] + self.mu
             if excluded_rows is not None:
                 inside = (excluded_rows >= start) & (excluded_rows < start + len(chunk))
                 scores[excluded_rows[inside] - start, excluded_cols[inside]] = float("-inf")

@@ -51,22 +51,26 @@ class TrainResult:
 
 
 ID_TABLES = ("user_id", "item_id", "user_bias", "item_bias")
+RANK_PARAMS = ("item_rank", "popularity_weight")
 
 
 def make_optimizer(checkpoint: Checkpoint, config: TrainingConfig, device: torch.device) -> torch.optim.AdamW:
-    """Three groups: the per-id tables, the shared weights (mu, text projections) and the
-    trainable encoder weights. Resuming a trained model, the shared weights and the encoder
+    """Four groups: the per-id tables, the items' ranking bias (its own rate: it must span
+    the log-popularity range within a night's few steps), the shared weights (mu, text
+    projections) and the trainable encoder weights. Resuming a trained model, the shared weights and the encoder
     learn at `resume_shared_lr_scale` x their rate: they were fit on all history, and at full
     rate a small night pulls them towards its few users, which new users then inherit."""
     model = checkpoint.model
     scale = config.resume_shared_lr_scale if checkpoint.global_step > 0 else 1.0
-    id_params, shared_params, encoder_params = [], [], []
+    id_params, shared_params, encoder_params, rank_params = [], [], [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             module = name.split(".")[0]
-            group = encoder_params if module == "top_layers" else id_params if module in ID_TABLES else shared_params
+            group = (encoder_params if module == "top_layers" else rank_params if module in RANK_PARAMS
+                     else id_params if module in ID_TABLES else shared_params)
             group.append(p)
-    groups = [{"params": id_params, "lr": config.lr}, {"params": shared_params, "lr": config.lr * scale}]
+    groups = [{"params": id_params, "lr": config.lr}, {"params": shared_params, "lr": config.lr * scale},
+              {"params": rank_params, "lr": config.ranking_bias_lr, "weight_decay": 0.0}]
     if encoder_params:
         encoder_lr = config.lora_lr if checkpoint.config.lora_rank else config.encoder_lr
         groups.append({"params": encoder_params, "lr": encoder_lr * scale})
@@ -114,6 +118,13 @@ def train(
     if config.loss == "bce":
         targets = (targets >= config.positive_threshold).float()
     generator = torch.Generator().manual_seed(config.seed + checkpoint.global_step)
+    log_q = None
+    if config.ranking_weight and config.ranking_logq:
+        # Expected times an item is a candidate of the ranking term: the batch's items are
+        # drawn in proportion to their share of the rows, the extra negatives uniformly.
+        share = torch.bincount(items, minlength=len(item_features)).float() / max(len(items), 1)
+        expected = config.batch_size * share + config.ranking_negatives / max(len(item_features) - 1, 1)
+        log_q = torch.log(expected.clamp_min(1e-6)).to(device)
     result = TrainResult()
     start = time.perf_counter()
     for epoch in range(config.epochs):
@@ -122,7 +133,7 @@ def train(
         for first in range(0, len(order), config.batch_size):
             batch = order[first : first + config.batch_size]
             loss, fit_loss = batch_loss(model, user_features, item_features, users[batch], items[batch],
-                                        targets[batch], config, generator, device, autocast)
+                                        targets[batch], config, generator, device, autocast, log_q)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -146,13 +157,15 @@ def train(
 
 def batch_loss(model, user_features: TextFeatures, item_features: TextFeatures, users: torch.Tensor,
                items: torch.Tensor, targets: torch.Tensor, config: TrainingConfig, generator: torch.Generator,
-               device: torch.device, autocast=nullcontext()) -> tuple[torch.Tensor, torch.Tensor]:
+               device: torch.device, autocast=nullcontext(),
+               log_q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss of one batch of (user row, item row, target) and its rating part alone (the
     figure reported per epoch). The distinct users and items of the batch are encoded once,
     then every rating is scored from those vectors:
 
         rating loss (MSE on ratings, or BCE on 0/1 labels)
-        + ranking_weight x sampled softmax over catalog items, for the positive rows
+        + ranking_weight x sampled softmax over catalog items, for the positive rows, on the
+          ranking score (the rating score plus the items' ranking bias a_i)
         + l2 x per-rating squared norm of the vectors and biases used
 
     Only the forward pass runs under `autocast` (bf16 on CUDA); the losses are float32.
@@ -161,7 +174,8 @@ def batch_loss(model, user_features: TextFeatures, item_features: TextFeatures, 
     batch_items, item_pos = torch.unique(items, return_inverse=True)
     user_pos, item_pos, target = user_pos.to(device), item_pos.to(device), targets.to(device)
     with autocast:
-        user_vec, user_bias = model.side(batch_users.to(device), model.encode(to_device(user_features.take(batch_users), device)), user=True)
+        user_pooled = model.encode(to_device(user_features.take(batch_users), device))
+        user_vec, user_bias = model.side(batch_users.to(device), user_pooled, user=True)
         item_vec, item_bias = model.side(batch_items.to(device), model.encode(to_device(item_features.take(batch_items), device)), user=False)
         user_vec, user_bias = user_vec[user_pos], user_bias[user_pos]
         score = model.score(user_vec, user_bias, item_vec[item_pos], item_bias[item_pos]).float()
@@ -173,8 +187,16 @@ def batch_loss(model, user_features: TextFeatures, item_features: TextFeatures, 
     if config.ranking_weight:
         positive = target >= (0.5 if config.loss == "bce" else config.positive_threshold)
         if bool(positive.any()):
-            loss = loss + config.ranking_weight * ranking_loss(model, item_features, user_vec[positive], item_vec,
-                                                               item_bias, item_pos[positive], config, generator, device)
+            rank_users = user_vec[positive]
+            if config.ranking_id_dropout:
+                # Some rows see their user as a new user would be seen: text alone, no id.
+                text_only = model.user_text(user_pooled)[:, : model.dim][user_pos][positive]
+                drop = torch.rand(len(rank_users), generator=generator) < config.ranking_id_dropout
+                rank_users = torch.where(drop.to(device)[:, None], text_only, rank_users)
+            batch_ids = batch_items.to(device)
+            loss = loss + config.ranking_weight * ranking_loss(
+                model, item_features, rank_users, item_vec, item_bias + model.rank_bias(batch_ids), item_pos[positive],
+                config, generator, device, None if log_q is None else log_q[batch_ids], log_q)
     if config.l2:
         # Per-rating L2 on the vectors and biases used, as in biased matrix factorisation:
         # without it the id embeddings of users with few ratings overfit within an epoch.
@@ -186,16 +208,27 @@ def batch_loss(model, user_features: TextFeatures, item_features: TextFeatures, 
 
 def ranking_loss(model, item_features: TextFeatures, user_vec: torch.Tensor, item_vec: torch.Tensor,
                  item_bias: torch.Tensor, target: torch.Tensor, config: TrainingConfig,
-                 generator: torch.Generator, device: torch.device) -> torch.Tensor:
+                 generator: torch.Generator, device: torch.device, batch_log_q: torch.Tensor | None = None,
+                 log_q: torch.Tensor | None = None) -> torch.Tensor:
     """Sampled softmax: each positive (user, item) row must outscore the other candidates,
     which are the distinct items of the batch plus `ranking_negatives` items drawn uniformly
-    from the vocabulary. The logit is the served score minus the user's own terms
-    (mu + b_u cancel in a softmax over items), so it trains the very ranking `top_k` uses.
-    Uniform negatives keep popularity in the scores; in-batch ones alone would remove it."""
+    from the vocabulary. The logit is the served ranking score minus the user's own terms
+    (mu + b_u cancel in a softmax over items): <v_u, v_i> + b_i + a_i, with a_i the ranking
+    bias, so it trains the very ranking `top_k` uses. `item_bias` holds b_i + a_i.
+    Uniform negatives keep popularity in the scores; in-batch ones alone would remove it.
+    With `log_q` (log of each item's expected count among the candidates; `batch_log_q` for
+    the batch's items) the logits are corrected by -log q (Yi et al. 2019, sampling-bias
+    correction), so the softmax estimates the full one and the ranking bias learns the
+    items' true share of positives instead of being pushed down for being frequent."""
     cand_vec, cand_bias = item_vec, item_bias
+    if batch_log_q is not None:
+        cand_bias = cand_bias.float() - batch_log_q
     if config.ranking_negatives and len(item_features) > 1:
         rows = torch.randint(1, len(item_features), (config.ranking_negatives,), generator=generator)
         neg_vec, neg_bias = model.side(rows.to(device), model.encode(to_device(item_features.take(rows), device)), user=False)
+        neg_bias = neg_bias + model.rank_bias(rows.to(device))
+        if log_q is not None:
+            neg_bias = neg_bias.float() - log_q[rows.to(device)]
         cand_vec, cand_bias = torch.cat([item_vec.float(), neg_vec.float()]), torch.cat([item_bias.float(), neg_bias.float()])
     logits = user_vec.float() @ cand_vec.float().T + cand_bias.float()[None, :]
     return nn.functional.cross_entropy(logits, target)
@@ -219,13 +252,19 @@ def fit(
     config: TrainingConfig,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> tuple[TrainResult, dict[str, int]]:
-    """Grow the vocabularies with the ids in `train_rows`, then train on them. An id without
-    a catalog row reads as empty text, which the encoder still maps to a vector."""
+    """Grow the vocabularies with the ids in `train_rows`, add them to the items' popularity
+    (after decaying it by `popularity_decay`), then train on them. An id without a catalog
+    row reads as empty text, which the encoder still maps to a vector."""
     first_run = checkpoint.global_step == 0
     added_users, added_items = grow(checkpoint, train_rows["user_id"].unique(), train_rows["item_id"].unique(), config.seed)
     if first_run and config.loss == "mse" and len(train_rows):
         with torch.no_grad():
             checkpoint.model.mu.fill_(float(train_rows["rating"].mean()))
+    with torch.no_grad():
+        counts = np.bincount(checkpoint.items.rows(train_rows["item_id"].tolist()), minlength=len(checkpoint.items))
+        popularity = checkpoint.model.item_popularity
+        popularity.mul_(config.popularity_decay).add_(torch.as_tensor(counts, dtype=popularity.dtype))
+        popularity[0] = 0.0  # the unknown item
     result = train(
         checkpoint,
         cache.features([texts.users.get(u, "") for u in checkpoint.users.ids]),

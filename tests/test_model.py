@@ -214,3 +214,70 @@ def test_bce_loss_predicts_probabilities(tiny_encoder):
     assert ((pred > 0) & (pred < 1)).all()
     positive = frame["rating"].to_numpy() >= 4
     assert pred[positive].mean() > pred[~positive].mean() + 0.3
+
+
+def test_ranking_bias_learns_popularity_ranks_only_and_old_checkpoints_load(tiny_encoder, tmp_path):
+    """The ranking bias a_i = w log(1 + n_i) + r_i: n_i counts the rows each item was trained
+    on (decayed night by night), w and r_i are trained by the ranking term only. Here i0..i4
+    hold a third of all rows: they get the larger a_i. a_i moves top_k, leaves rating
+    predictions alone, and a checkpoint written before it existed loads with a_i = 0."""
+    from safetensors.torch import load_file, save_file
+
+    frame, user_texts, item_texts = toy(n=3000)
+    rng = np.random.default_rng(3)
+    hits = pd.DataFrame({"user_id": [f"u{u}" for u in rng.integers(0, 40, 1500)],
+                         "item_id": [f"i{i}" for i in rng.integers(0, 5, 1500)], "rating": 5.0,
+                         "timestamp": pd.Timestamp("2026-01-01", tz="UTC")})
+    rows = pd.concat([frame, hits], ignore_index=True)
+    cache = TextCache(None, tiny_encoder, tiny_encoder.num_layers, 32)
+    config = TrainingConfig(epochs=3, lr=0.02, batch_size=256)
+    checkpoint = new_checkpoint(tiny_encoder, ModelConfig(dim=8), seed=0)
+    fit(checkpoint, cache, rows, CatalogTexts(user_texts, item_texts), config)
+    model = checkpoint.model
+    counts = rows["item_id"].value_counts()
+    expected = torch.as_tensor([0.0] + [float(counts[i]) for i in checkpoint.items.ids[1:]])
+    assert torch.equal(model.item_popularity, expected)
+    with torch.no_grad():
+        rank = model.rank_bias(torch.arange(len(checkpoint.items)))
+    popular = torch.as_tensor(checkpoint.items.rows([f"i{i}" for i in range(5)]))
+    others = torch.as_tensor(checkpoint.items.rows([f"i{i}" for i in range(5, 60)]))
+    assert rank[popular].mean() > rank[others].mean() + 0.5
+    # A second night decays the counts before adding its own rows.
+    night = rows.head(100)
+    fit(checkpoint, cache, night, CatalogTexts(user_texts, item_texts), config.model_copy(update={"popularity_decay": 0.5, "epochs": 1}))
+    again = torch.as_tensor([0.0] + [float(night["item_id"].value_counts().get(i, 0)) for i in checkpoint.items.ids[1:]])
+    assert torch.allclose(model.item_popularity, 0.5 * expected + again)
+    # The rating loss alone never touches the learned parts.
+    plain = new_checkpoint(tiny_encoder, ModelConfig(dim=8), seed=0)
+    fit(plain, cache, rows, CatalogTexts(user_texts, item_texts), config.model_copy(update={"ranking_weight": 0.0}))
+    assert torch.count_nonzero(plain.model.item_rank.weight) == 0 and float(plain.model.popularity_weight) == 1.0
+
+    scorer = scorer_for(checkpoint, cache, user_texts, item_texts)
+    users, items = scorer.user_ids, scorer.item_ids
+    top = scorer.top_k(users, 5)
+    with torch.no_grad():
+        ranked = (scorer.user_vectors @ scorer.item_vectors.T + scorer.user_bias[:, None] + scorer.item_bias[None, :]
+                  + scorer.mu + scorer.item_rank_bias[None, :])
+    assert list(top[top["user_id"] == users[0]]["item_id"]) == [items[j] for j in torch.topk(ranked[0], 5).indices]
+    predicted = scorer.predict(users[:3], items[:3])
+    np.testing.assert_allclose(predicted, (scorer.mu + scorer.user_bias[:3] + scorer.item_bias[:3]
+                                           + (scorer.user_vectors[:3] * scorer.item_vectors[:3]).sum(-1)).numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+    # A checkpoint from before the ranking bias: same files without item_rank.weight.
+    folder = save(checkpoint, tmp_path / "old")
+    weights = load_file(str(folder / "model.safetensors"))
+    for name in ("item_rank.weight", "item_popularity", "popularity_weight"):
+        del weights[name]
+    save_file(weights, str(folder / "model.safetensors"))
+    loaded = load(folder, tiny_encoder)
+    with torch.no_grad():
+        assert torch.count_nonzero(loaded.model.rank_bias(torch.arange(len(loaded.items)))) == 0
+    assert len(loaded.model.item_rank.weight) == len(loaded.model.item_popularity) == len(loaded.items)
+    np.testing.assert_allclose(scorer_for(loaded, cache, user_texts, item_texts).predict(users[:3], items[:3]),
+                               predicted, rtol=1e-5, atol=1e-5)
+    # Anything else missing is still an error.
+    del weights["item_bias.weight"]
+    save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(LlmrecError, match="does not match"):
+        load(folder, tiny_encoder)
