@@ -8,6 +8,8 @@
                  an id never trained on keeps zero factors and zero bias, so its
                  prediction is the bias-only fallback mu + b_(known side).
     global mean, item mean, popularity   closed-form, from the rows given.
+    item-kNN, EASE, BPR, implicit ALS    ranking-only top-N baselines (below), refit on
+                 the history each time.
 """
 
 from __future__ import annotations
@@ -109,3 +111,107 @@ def constant_scorer(rows: pd.DataFrame, user_ids: list[str], item_ids: list[str]
     else:
         raise ValueError(kind)
     return Scorer(mu, user_ids, zeros_u, torch.zeros(len(user_ids)), item_ids, zeros_i, bias)
+
+
+# ----------------------------------------------------------------------------- top-N baselines
+#
+# Implicit-feedback recommenders, refit from scratch on the history at every step: a row is
+# an interaction whatever its rating (the standard top-N setting on MovieLens). They rank
+# only; their rating predictions are meaningless and not reported. A user without history
+# gets all-zero scores, so the popularity term (1e-6 x log(1 + count), far below any real
+# score difference) decides: they fall back to the popularity list.
+
+TIE_BREAK = 1e-6
+
+
+def interactions(rows: pd.DataFrame):
+    """Binary user x item matrix (scipy CSR) of `rows` and the id -> row/column maps."""
+    import scipy.sparse as sp
+
+    users = {u: i for i, u in enumerate(dict.fromkeys(rows["user_id"]))}
+    items = {v: i for i, v in enumerate(dict.fromkeys(rows["item_id"]))}
+    pairs = rows[["user_id", "item_id"]].drop_duplicates()
+    matrix = sp.csr_matrix((np.ones(len(pairs), dtype=np.float32),
+                            (pairs["user_id"].map(users).to_numpy(), pairs["item_id"].map(items).to_numpy())),
+                           shape=(len(users), len(items)))
+    return matrix, users, items
+
+
+def factor_scorer(rows: pd.DataFrame, user_ids: list[str], item_ids: list[str], user_factors: np.ndarray,
+                  item_factors: np.ndarray, users: dict, items: dict) -> Scorer:
+    """score(u, i) = <user_factors[u], item_factors[i]> (+ the popularity tie-break); ids the
+    model never saw get zero vectors."""
+    dim = user_factors.shape[1]
+    uv = np.zeros((len(user_ids), dim), dtype=np.float32)
+    iv = np.zeros((len(item_ids), dim), dtype=np.float32)
+    u_known = [(p, users[u]) for p, u in enumerate(user_ids) if u in users]
+    i_known = [(p, items[i]) for p, i in enumerate(item_ids) if i in items]
+    if u_known:
+        pos, row = map(list, zip(*u_known))
+        uv[pos] = user_factors[row]
+    if i_known:
+        pos, row = map(list, zip(*i_known))
+        iv[pos] = item_factors[row]
+    counts = rows.groupby("item_id").size()
+    tie = TIE_BREAK * np.log1p(pd.Series(item_ids).map(counts).fillna(0).to_numpy(dtype=np.float32))
+    return Scorer(0.0, user_ids, torch.as_tensor(uv), torch.zeros(len(user_ids)), item_ids,
+                  torch.as_tensor(iv), torch.as_tensor(tie, dtype=torch.float32))
+
+
+class EASE:
+    """Steck (2019), "Embarrassingly Shallow Autoencoders": B = argmin ||X - XB||^2 +
+    lam ||B||^2 with diag(B) = 0, closed form P = (X'X + lam I)^-1, B = -P / diag(P),
+    diag(B) = 0; score(u) = X_u B."""
+
+    def __init__(self, lam: float = 500.0):
+        self.lam = lam
+
+    def scorer(self, rows: pd.DataFrame, user_ids: list[str], item_ids: list[str]) -> Scorer:
+        X, users, items = interactions(rows)
+        gram = (X.T @ X).toarray().astype(np.float64)
+        gram[np.diag_indices_from(gram)] += self.lam
+        P = np.linalg.inv(gram)
+        B = -P / np.diag(P)[None, :]
+        B[np.diag_indices_from(B)] = 0.0
+        # user vector = X_u (its items), item vector = column i of B.
+        return factor_scorer(rows, user_ids, item_ids, X.toarray(), B.T.astype(np.float32), users, items)
+
+
+class ItemKNN:
+    """Item-based k-nearest neighbours: cosine similarity of the items' user columns, only
+    each item's `neighbours` most similar items kept; score(u, i) = sum of the similarities
+    of i to the items u interacted with (Deshpande & Karypis 2004, without normalisation)."""
+
+    def __init__(self, neighbours: int = 50, shrink: float = 0.0):
+        self.neighbours, self.shrink = neighbours, shrink
+
+    def scorer(self, rows: pd.DataFrame, user_ids: list[str], item_ids: list[str]) -> Scorer:
+        X, users, items = interactions(rows)
+        co = (X.T @ X).toarray().astype(np.float64)
+        norms = np.sqrt(np.diag(co))
+        sim = co / (np.outer(norms, norms) + self.shrink + 1e-12)
+        np.fill_diagonal(sim, 0.0)
+        if self.neighbours < len(sim) - 1:
+            # keep, for each target item i (column), its `neighbours` most similar items j.
+            cut = np.partition(sim, -self.neighbours, axis=0)[-self.neighbours]
+            sim = np.where(sim >= cut[None, :], sim, 0.0)
+        return factor_scorer(rows, user_ids, item_ids, X.toarray(), sim.T.astype(np.float32), users, items)
+
+
+class ImplicitFactors:
+    """BPR (Rendle et al. 2009) or implicit ALS (Hu, Koren & Volinsky 2008) from the
+    `implicit` package, one thread, fixed seed; `kind` = 'bpr' or 'als'."""
+
+    def __init__(self, kind: str, seed: int = 0, **params):
+        self.kind, self.seed, self.params = kind, seed, params
+
+    def scorer(self, rows: pd.DataFrame, user_ids: list[str], item_ids: list[str]) -> Scorer:
+        from implicit.cpu.als import AlternatingLeastSquares
+        from implicit.cpu.bpr import BayesianPersonalizedRanking
+
+        X, users, items = interactions(rows)
+        cls = BayesianPersonalizedRanking if self.kind == "bpr" else AlternatingLeastSquares
+        model = cls(random_state=self.seed, num_threads=1, **self.params)
+        model.fit(X, show_progress=False)
+        return factor_scorer(rows, user_ids, item_ids, np.asarray(model.user_factors), np.asarray(model.item_factors),
+                             users, items)

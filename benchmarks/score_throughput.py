@@ -51,7 +51,7 @@ def median_seconds(function, repeats: int, device: str) -> float:
 
 
 def to_device(scorer: Scorer, device: str) -> Scorer:
-    for name in ("user_vectors", "user_bias", "item_vectors", "item_bias"):
+    for name in ("user_vectors", "user_bias", "item_vectors", "item_bias", "item_rank_bias"):
         setattr(scorer, name, getattr(scorer, name).to(device))
     return scorer
 

@@ -30,27 +30,42 @@ def test_quality_benchmark_quick(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-4000:]
     out = run.stdout
-    for heading in ("## Recommendation quality", "### Continual protocol", "### Forgetting on the anchor set",
+    for heading in ("## Recommendation quality", "### Continual protocol", "### The method's metrics",
+                    "### Forgetting on the anchor set",
                     "### Cold start", "### Canonical u1..u5 splits", "### Targets"):
         assert heading in out
     for method in ("llmrec (replay)", "llmrec (no replay)", "llmrec (retrain)", "biased MF", "global mean",
-                   "item mean", "popularity", "GLocal-K"):
+                   "item mean", "popularity", "item-kNN", "EASE", "BPR", "implicit ALS", "GLocal-K"):
         assert f"| {method}" in out or f"| **{method}" in out
 
-    # Every number in the continual table (popularity has no rating metrics) is finite.
+    # Every number in the continual table (the ranking-only baselines have no rating metrics) is finite.
+    rank_only = ("| popularity", "| item-kNN", "| EASE", "| BPR", "| implicit ALS")
     table = out.split("### Continual protocol")[1].split("###")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
-    assert len(rows) == 7
+    assert len(rows) == 11
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")][1:5]
         values = [float(c) for c in cells if c]
-        assert len(values) == (2 if row.startswith("| popularity") else 4)
+        assert len(values) == (2 if row.startswith(rank_only) else 4)
         assert all(math.isfinite(v) for v in values)
+    # The method's metrics: ten columns, all in [0, 1]; the rating-based five empty for ranking-only rows.
+    table = out.split("### The method's metrics")[1].split("###")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert len(rows) == 11
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")][1:]
+        assert len(cells) == 10
+        values = [float(c) for c in cells if c]
+        assert len(values) == (5 if row.startswith(rank_only) else 10)
+        assert all(0.0 <= v <= 1.0 for v in values)
 
     result = json.loads((img / "quality_results.json").read_text())
     steps = result["continual"]["per_step"]["llmrec (replay)"]
     assert len(steps) == 6 and all(math.isfinite(s["rmse"]) and 0 < s["rmse"] < 3 for s in steps)
     assert all(0 <= s["recall_at_10"] <= 1 for s in steps)
+    for name in ("EASE", "item-kNN", "BPR", "implicit ALS", "popularity"):
+        assert all(0 <= s["recall_at_10"] <= 1 and 0 < s["coverage_at_10"] <= 1
+                   for s in result["continual"]["per_step"][name])
     for name in ("llmrec (replay)", "llmrec (no replay)", "biased MF"):
         forgetting = result["continual"]["forgetting"][name]
         assert forgetting[0] == 0.0 and all(math.isfinite(x) for x in forgetting)
