@@ -213,8 +213,8 @@ class ImplicitFactors:
         cls = BayesianPersonalizedRanking if self.kind == "bpr" else AlternatingLeastSquares
         from threadpoolctl import threadpool_limits
 
-        model = cls(random_state=self.seed, num_threads=1, **self.params)
         with threadpool_limits(1, "blas"):  # implicit's advice: no BLAS thread pool under its own loops
+            model = cls(random_state=self.seed, num_threads=1, **self.params)
             model.fit(X, show_progress=False)
         return factor_scorer(rows, user_ids, item_ids, np.asarray(model.user_factors), np.asarray(model.item_factors),
                              users, items)
