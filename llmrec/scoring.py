@@ -131,7 +131,8 @@ class Scorer:
         out_users, out_items, out_scores = [], [], []
         for start in range(0, len(users), CHUNK):
             chunk = users[start : start + CHUNK]
-            # rating() for every (user, item) of the chunk at once, as one matrix product.
+            # rating() for every (user, item) of the chunk at once, as one matrix product, plus
+            # the ranking bias a_i.
             scores = self.user_vectors[chunk] @ self.item_vectors.T
             scores += self.user_bias[chunk, None] + (self.item_bias + self.item_rank_bias)[None, :] + self.mu
             if excluded_rows is not None:
