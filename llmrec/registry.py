@@ -133,6 +133,7 @@ def log_model_version(
     output_example: pd.DataFrame,
     pip_requirements: list[str],
     code_paths: list[str] | None = None,
+    signature=None,
 ) -> str:
     """Log `checkpoint_dir` as a models-from-code pyfunc (`python_model` is the path of the .py
     file that calls `mlflow.models.set_model`) in the active run, register it as a new version
@@ -143,7 +144,7 @@ def log_model_version(
         name="model",
         python_model=str(python_model),
         artifacts={"checkpoint": str(checkpoint_dir)},
-        signature=infer_signature(input_example, output_example),
+        signature=signature or infer_signature(input_example, output_example),
         input_example=input_example,
         pip_requirements=pip_requirements,
         code_paths=code_paths,
@@ -314,6 +315,19 @@ def version_history(name: str) -> pd.DataFrame:
 
 
 PIP_REQUIREMENTS = ["numpy", "pandas", "safetensors", "torch", "mlflow"]
+
+
+def recommender_signature(input_example: pd.DataFrame, output_example: pd.DataFrame):
+    """user_id + item_id -> prediction, and item_id optional with a `k` parameter: user ids
+    with params={"k": K} return each user's top K (see pyfunc_model)."""
+    from mlflow.types.schema import ColSpec, Schema
+
+    signature = infer_signature(input_example, output_example, params={"k": 0})
+    signature.inputs = Schema([ColSpec(spec.type, spec.name, required=spec.name != "item_id")
+                               for spec in signature.inputs.inputs])
+    return signature
+
+
 PYFUNC_MODEL = Path(__file__).with_name("pyfunc_model.py")
 
 
@@ -397,7 +411,8 @@ def register_and_gate(config: NightlyConfig, run_name: str, window, curated, tra
         output_example = pd.DataFrame({"prediction": trained.scorer.predict(input_example["user_id"], input_example["item_id"])})
         version = log_model_version(config.registered_model, trained.checkpoint_dir, str(PYFUNC_MODEL),
                                     input_example, output_example, PIP_REQUIREMENTS,
-                                    code_paths=[str(PYFUNC_MODEL.parent)])
+                                    code_paths=[str(PYFUNC_MODEL.parent)],
+                                    signature=recommender_signature(input_example, output_example))
     summary = window.summary() | {"global_step": trained.global_step, "resumed_from": trained.resumed_from}
     description = describe_version(summary, metrics["challenger"], metrics["champion"], champion_version, decision)
     apply_decision(config.registered_model, version, decision, description)
