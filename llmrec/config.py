@@ -437,3 +437,45 @@ class Home:
     def ensure(self) -> "Home":
         self.root.mkdir(parents=True, exist_ok=True)
         return self
+
+
+class Compression(BaseModel):
+    """How the served model is compressed (`llmrec api --quantize/--prune/--encoder-layers`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="int8: dynamic int8 Linear layers in the encoder, and an int8 item matrix "
+        "with per-row scales for the top-K product.")
+    prune: float = Field(0.0, ge=0.0, lt=1.0, description="Share of each encoder Linear weight zeroed by "
+                         "L1-unstructured pruning (0 = none).")
+    encoder_layers: int | None = Field(None, ge=1, description="Serve with only the encoder's first N "
+                                       "transformer layers (None = all).")
+
+    @property
+    def label(self) -> str:
+        parts = []
+        if self.prune:
+            parts.append(f"pruned {self.prune:.0%}")
+        if self.encoder_layers:
+            parts.append(f"{self.encoder_layers} layers")
+        if self.quantize == "int8":
+            parts.append("int8")
+        return " + ".join(parts) or "fp32"
+
+
+class ApiConfig(BaseModel):
+    """`llmrec api`: the served recommendations of the registry's `champion` version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    home: str = Field(default_factory=default_home, description="LLMREC_HOME: registry (unless "
+                      "$MLFLOW_TRACKING_URI is set), curated catalog and events, API keys.")
+    registered_model: str = Field("llmrec", min_length=1, description="Name of the MLflow registered model.")
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
+    workers: int = Field(1, ge=1, le=64, description="Worker processes (each loads the model).")
+    poll_seconds: float = Field(30.0, gt=0, le=86400, description="Seconds between checks of the champion alias.")
+    max_pairs: int = Field(10000, ge=1, le=1_000_000, description="Most (user, item) pairs in one POST /v1/scores.")
+    max_users: int = Field(1000, ge=1, le=100_000, description="Most users in one POST /v1/recommendations.")
+    compression: Compression = Field(default_factory=Compression)
