@@ -27,6 +27,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Write landing drops (events/,
 app.add_typer(data_app, name="data")
 alerts_app = typer.Typer(no_args_is_help=True, help="Notifications through Prefect automations.")
 app.add_typer(alerts_app, name="alerts")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys of `llmrec api` (stored hashed in LLMREC_HOME).")
+app.add_typer(keys_app, name="api-key")
 
 
 def fail(message: str) -> None:
@@ -198,6 +200,77 @@ def serve_command(
 
     cfg = nightly_config(landing=landing, home=home)
     guarded(lambda: serve(cfg, cron, timezone))
+
+
+def api_config(**fields):
+    from llmrec.config import ApiConfig, load_config
+
+    compression = {k: fields.pop(k) for k in ("quantize", "prune", "encoder_layers") if fields.get(k) is not None}
+    return guarded(lambda: load_config(ApiConfig, fields.pop("config_file", None), fields.pop("sets", ()),
+                                       compression=compression or None, **fields))
+
+
+@app.command("api")
+def api_command(
+    home: Optional[str] = typer.Option(None, help="LLMREC_HOME (default $LLMREC_HOME or ./.llmrec)."),
+    host: Optional[str] = typer.Option(None, help="Address to bind (default 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="Port (default 8000)."),
+    workers: Optional[int] = typer.Option(None, help="Worker processes (default 1)."),
+    poll: Optional[float] = typer.Option(None, help="Seconds between checks of the champion alias (default 30)."),
+    model: Optional[str] = typer.Option(None, help="Registered model name (default llmrec)."),
+    quantize: Optional[str] = typer.Option(None, help="none or int8 (encoder Linear layers + item matrix)."),
+    prune: Optional[float] = typer.Option(None, help="L1-unstructured pruning of the encoder's Linear weights, 0..1."),
+    encoder_layers: Optional[int] = typer.Option(None, help="Serve with only the encoder's first N layers."),
+    config: Optional[Path] = typer.Option(None, help="JSON file with ApiConfig fields."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field, e.g. --set max_pairs=500."),
+    access_log: bool = typer.Option(False, help="Log every request (off: the metrics count them)."),
+) -> None:
+    """Serve recommendations of the registry's champion version over HTTP (FastAPI + uvicorn)."""
+    cfg = api_config(home=home, host=host, port=port, workers=workers, poll_seconds=poll, registered_model=model,
+                     quantize=quantize, prune=prune, encoder_layers=encoder_layers, config_file=config, sets=set_)
+    from app.api import run
+
+    guarded(lambda: run(cfg, access_log=access_log))
+
+
+def key_store(home: Optional[str]):
+    from llmrec.config import Home, default_home
+    from llmrec.keys import KeyStore, keys_file
+
+    return KeyStore(keys_file(Home(home or default_home()).root))
+
+
+@keys_app.command("create")
+def api_key_create(
+    name: str = typer.Option(..., help="Who or what uses the key."),
+    scope: str = typer.Option("read", help="read (recommendations, scores, readiness, metrics) or admin (also reload)."),
+    home: Optional[str] = typer.Option(None),
+) -> None:
+    """Create a key and print it once; only its salted hash is stored."""
+    store = key_store(home)
+    key = guarded(lambda: store.create(name, scope))
+    typer.echo(key)
+    typer.echo(f"stored the hash of {scope} key {name!r} in {store.path}; the key itself is not kept, copy it now",
+               err=True)
+
+
+@keys_app.command("list")
+def api_key_list(home: Optional[str] = typer.Option(None)) -> None:
+    """List keys (id, name, scope, created, revoked); never the keys themselves."""
+    from llmrec.report import render_table
+
+    entries = guarded(lambda: key_store(home).list())
+    rows = [{"id": e.key_id, "name": e.name, "scope": e.scope, "created": e.created, "revoked": e.revoked or ""}
+            for e in entries]
+    typer.echo(render_table(rows, ["id", "name", "scope", "created", "revoked"], style="text") if rows else "no API keys")
+
+
+@keys_app.command("revoke")
+def api_key_revoke(name_or_id: str = typer.Argument(..., help="Key id or name."),
+                   home: Optional[str] = typer.Option(None)) -> None:
+    """Revoke a key (kept in the file, marked revoked); the running service refuses it at once."""
+    revoked = guarded(lambda: key_store(home).revoke(name_or_id))
+    typer.echo(f"revoked {', '.join(revoked)}")
 
 
 def main() -> None:

@@ -22,3 +22,34 @@ def tiny_encoder():
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
     return from_model("tiny-bert", tokenizer, BertModel(config))
+
+
+@pytest.fixture(scope="session")
+def served_template(tmp_path_factory, tiny_encoder):
+    """An LLMREC_HOME with curated data and a registry: version 1 (champion), version 2 (one
+    more epoch: other scores), version 3 (its vectors file is corrupt: fails to load). The
+    tiny encoder is saved to a folder named in the model config, so a separate process loads
+    the same encoder. Tests copy it (see `served_home`) and change their copy."""
+    from serving_world import build_template
+
+    return build_template(tmp_path_factory.mktemp("served"), tiny_encoder)
+
+
+@pytest.fixture
+def served_home(served_template, tmp_path, monkeypatch):
+    """A private copy of the template home, with MLflow pointed at it."""
+    import shutil
+
+    import mlflow
+
+    from llmrec.config import Home
+    from llmrec.registry import configure
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    previous = mlflow.get_tracking_uri()
+    root = tmp_path / "home"
+    shutil.copytree(served_template.home.root, root)
+    home = Home(root)
+    configure(home, "llmrec")
+    yield served_template.with_home(home)
+    mlflow.set_tracking_uri(previous)
