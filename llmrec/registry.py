@@ -38,6 +38,22 @@ def configure(home: Home, experiment: str) -> str:
     """Point MLflow at $MLFLOW_TRACKING_URI or the sqlite file in `home`, select `experiment`
     (creating it with artifacts under `home.mlflow_artifacts` when the store is local sqlite)
     and return the tracking URI."""
+    uri = connect(home)
+    # A server assigns its own (proxied) artifact root; only a local store needs a folder.
+    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(experiment) is None:
+        try:
+            mlflow.create_experiment(experiment, artifact_location=home.mlflow_artifacts.as_uri())
+        except MlflowException:
+            # Another process may have created it between the lookup and the create.
+            if mlflow.get_experiment_by_name(experiment) is None:
+                raise
+    mlflow.set_experiment(experiment)
+    return uri
+
+
+def connect(home: Home) -> str:
+    """Point MLflow at $MLFLOW_TRACKING_URI or the sqlite file in `home` (for reading the
+    registry: no experiment is selected or created) and return the tracking URI."""
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     uri = home.mlflow_uri()
     if uri.startswith("sqlite:"):
@@ -50,15 +66,6 @@ def configure(home: Home, experiment: str) -> str:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = user_uri
-    # A server assigns its own (proxied) artifact root; only a local store needs a folder.
-    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(experiment) is None:
-        try:
-            mlflow.create_experiment(experiment, artifact_location=home.mlflow_artifacts.as_uri())
-        except MlflowException:
-            # Another process may have created it between the lookup and the create.
-            if mlflow.get_experiment_by_name(experiment) is None:
-                raise
-    mlflow.set_experiment(experiment)
     return uri
 
 

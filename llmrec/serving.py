@@ -218,6 +218,7 @@ class ChampionFollower:
                  encoder_loader: Callable[[str], Encoder] = load_encoder,
                  on_outcome: Callable[[ReloadOutcome, "ChampionFollower"], None] | None = None):
         self.home = home
+        registry.connect(home)
         self.model_name = model_name
         self.text_path = TextPath(compression, encoder_loader)
         self.on_outcome = on_outcome

@@ -293,7 +293,8 @@ def test_pyfunc_returns_the_same_top_k_as_the_api(served_home, keys):
     assert np.allclose(pairs["prediction"], Scorer.load(served_home.folders["1"]).predict(["u0"], ["i0"]))
 
 
-def test_no_champion_yet_is_503_not_500(tmp_path, keys, monkeypatch):
+def test_no_champion_yet_is_503_not_500(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from llmrec.config import Home
     from llmrec.registry import configure
 
