@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from itertools import islice
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from llmrec.scoring import Scorer, side_vectors
 log = logging.getLogger(__name__)
 
 HISTORY, PROFILE, POPULAR = "history", "profile", "popular"
+NO_ITEMS = torch.zeros(0, dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,8 @@ class ServedModel:
     scorer: Scorer
     checkpoint_dir: Path
     history_users: frozenset[str]
-    rated: dict[str, list[str]]
-    popular: list[str]
+    rated: dict[str, torch.Tensor]  # item positions in the scorer each user rated
+    popular: list[int]  # item positions, most rated first
     catalog_stamp: tuple
     cold_start_items: int = 0
     cold_start_users: int = 0
@@ -64,26 +66,29 @@ class ServedModel:
         return PROFILE if user_id in self.scorer.user_index else POPULAR
 
     def recommend(self, user_ids: list[str], k: int, exclude_rated: bool = True) -> list[Recommendation]:
-        kinds = {u: self.scored_by(u) for u in user_ids}
-        ranked = [u for u in dict.fromkeys(user_ids) if kinds[u] != POPULAR]
-        by_user: dict[str, tuple[list[str], list[float]]] = {}
-        if ranked:
-            exclude = None
-            if exclude_rated:
-                pairs = [(u, i) for u in ranked for i in self.rated.get(u, ())]
-                exclude = pd.DataFrame(pairs, columns=["user_id", "item_id"]) if pairs else None
-            top = self.scorer.top_k(ranked, k, exclude=exclude)
-            for user, rows in top.groupby("user_id", sort=False):
-                by_user[user] = (rows["item_id"].tolist(), rows["score"].astype(float).tolist())
-        out = []
-        for user in user_ids:
-            if kinds[user] == POPULAR:
-                seen = set(self.rated.get(user, ())) if exclude_rated else set()
-                items = [i for i in self.popular if i not in seen][:k] if seen else self.popular[:k]
-                scores = self.scorer.predict([user] * len(items), items).astype(float).tolist()
+        """Each user's top k, by `Scorer.ranked` (the tensors, without a frame per request),
+        or the popularity list for users nothing is known about. Scores are the formula's
+        raw score, as `Scorer.top_k` returns them."""
+        kinds = [self.scored_by(u) for u in user_ids]
+        ranked = [u for u, kind in zip(user_ids, kinds) if kind != POPULAR]
+        rows = cols = None
+        if ranked and exclude_rated:
+            seen = [self.rated.get(u, NO_ITEMS) for u in ranked]
+            cols = torch.cat(seen)
+            rows = torch.repeat_interleave(torch.arange(len(seen)), torch.as_tensor([len(s) for s in seen]))
+        best_items, best_scores = self.scorer.ranked(ranked, k, rows, cols) if ranked else (None, None)
+        item_ids, out, position = self.scorer.item_ids, [], 0
+        for user, kind in zip(user_ids, kinds):
+            if kind == POPULAR:
+                seen = set(self.rated.get(user, NO_ITEMS).tolist()) if exclude_rated else ()
+                chosen = [item_ids[p] for p in islice((p for p in self.popular if p not in seen), k)]
+                scores = self.scorer.raw_scores([user] * len(chosen), chosen).tolist()
             else:
-                items, scores = by_user.get(user, ([], []))
-            out.append(Recommendation(user, kinds[user], items, scores))
+                keep = torch.isfinite(best_scores[position])
+                chosen = [item_ids[p] for p in best_items[position][keep].tolist()]
+                scores = best_scores[position][keep].tolist()
+                position += 1
+            out.append(Recommendation(user, kind, chosen, scores))
         return out
 
     def predict(self, user_ids: list[str], item_ids: list[str]) -> np.ndarray:
@@ -174,15 +179,18 @@ def build_served_model(version: str, checkpoint_dir: Path, home: Home, text_path
                                                 False) if new_items else nothing
         scorer = scorer.extended(new_users, user_vec, user_bias, new_items, item_vec, item_bias)
     events = read_events(home)[["user_id", "item_id"]]
-    rated = {user: rows.tolist() for user, rows in events.groupby("user_id")["item_id"]}
+    events = events[events["item_id"].isin(scorer.item_index)]
+    positions = events["item_id"].map(scorer.item_index).to_numpy(dtype=np.int64)
+    rated = {user: torch.as_tensor(positions[rows]) for user, rows in events.groupby("user_id").indices.items()}
     counts = events["item_id"].value_counts()
     # Most rated first; ties by id, so every worker and replica answers the same list.
-    popular = sorted((i for i in counts.index if i in scorer.item_index), key=lambda i: (-counts[i], i))
+    popular = sorted(counts.index, key=lambda i: (-counts[i], i))
     # Items nobody rated yet follow, best item bias first, so a popular list is never short.
     rest = [i for i in scorer.item_ids if i not in counts.index]
     rest.sort(key=lambda i: -float(scorer.item_bias[scorer.item_index[i]]))
     return ServedModel(version=str(version), scorer=scorer, checkpoint_dir=Path(checkpoint_dir),
-                       history_users=frozenset(meta["user_ids"][1:]), rated=rated, popular=popular + rest,
+                       history_users=frozenset(meta["user_ids"][1:]), rated=rated,
+                       popular=[scorer.item_index[i] for i in popular + rest],
                        catalog_stamp=stamp, cold_start_items=len(new_items), cold_start_users=len(new_users))
 
 
