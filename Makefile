@@ -20,7 +20,7 @@ UI_DIR := $(CURDIR)/.ui
 
 STACK_DIR ?= $(CURDIR)/.stack
 
-.PHONY: install demo test test-fast bench bench-quality ui ui-stop serve clean-venv postgres stack stack-stop
+.PHONY: install demo test test-fast bench bench-quality bench-serving ui ui-stop serve clean-venv postgres stack stack-stop
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ bench: install
 
 bench-quality: install
 	$(PY) benchmarks/quality.py
+
+# Serving: compression variants, then llmrec api vs mlflow models serve under load (127.0.0.1).
+bench-serving: install
+	$(PY) benchmarks/serving_compression.py
+	$(PY) benchmarks/serving_load.py
 
 # Prefect server and MLflow UI on 127.0.0.1, each in its own process group (pids in .ui/),
 # so `make ui-stop` stops them with every child they spawned.
