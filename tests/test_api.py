@@ -14,7 +14,6 @@ from serving_world import NAME, PROFILE_USER, add_item, move_champion
 
 from app.api import create_app
 from llmrec.config import ApiConfig, Compression
-from llmrec.encoder import TextCache
 from llmrec.ingest import read_catalog_texts
 from llmrec.keys import KeyStore, keys_file
 from llmrec.scoring import Scorer
