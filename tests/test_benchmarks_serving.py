@@ -18,6 +18,7 @@ def test_serving_compression_quick(tiny_encoder, tmp_path, capsys):
     rows = {row["variant"]: row for row in result["rows"]}
     assert list(rows) == ["fp32", "int8", "pruned 50%"]  # "1 layers" is not a variant of the list
     assert rows["fp32"]["overlap@10"] == 1.0
+    assert 0 <= result["item_matrix_int8"]["overlap@10"] <= 1 and "int8 item matrix only" in out
     assert rows["int8"]["memory MB"] < rows["fp32"]["memory MB"]
     assert rows["pruned 50%"]["zip MB"] < rows["fp32"]["zip MB"]
     for row in rows.values():
