@@ -2,8 +2,6 @@
 are merged across them, and both follow an alias move."""
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,17 +9,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from servers import free_port, stop, wait_healthy
 from serving_world import add_item, move_champion
 
 from llmrec.keys import KeyStore, keys_file
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def metric_lines(text: str, name: str) -> list[str]:
@@ -42,16 +35,9 @@ def test_two_workers_serve_follow_the_alias_and_merge_metrics(served_home, tmp_p
                                start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            assert process.poll() is None, log.read_text()
-            try:
-                if httpx.get(base + "/readyz", headers=headers, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, log.read_text()
-            time.sleep(0.5)
+        # Uvicorn accepts requests once the lifespan has run, which loads the champion.
+        wait_healthy(base + "/healthz", process, log, seconds=180)
+        assert httpx.get(base + "/readyz", headers=headers).json()["version"] == "1"
         assert httpx.get(base + "/healthz").json() == {"status": "ok"}
         assert httpx.get(base + "/readyz").status_code == 401
         with httpx.Client(base_url=base, headers=headers) as client:
@@ -59,9 +45,15 @@ def test_two_workers_serve_follow_the_alias_and_merge_metrics(served_home, tmp_p
             assert {(r.status_code, r.json()["version"]) for r in answers} == {(200, "1")}
             assert len({tuple(i["item_id"] for i in r.json()["items"]) for r in answers}) == 1
             scored = client.post("/v1/scores", json={"pairs": [{"user_id": "u0", "item_id": "i_new"}]}).json()
-            served = [line for line in metric_lines(client.get("/metrics").text, "llmrec_api_served_version")]
-            # One series per worker process (multiprocess mode "all" labels them by pid), both on v1.
-            assert len(served) == 2 and all(line.endswith(" 1.0") for line in served), served
+            # One series per worker process (multiprocess mode "all" labels them by pid), both on
+            # v1; the second worker may still be loading (series at 0) when the first answers.
+            deadline = time.time() + 90
+            while True:
+                served = metric_lines(client.get("/metrics").text, "llmrec_api_served_version")
+                if len(served) == 2 and all(line.endswith(" 1.0") for line in served):
+                    break
+                assert time.time() < deadline, served
+                time.sleep(0.5)
             cold = metric_lines(client.get("/metrics").text, "llmrec_api_cold_start_items")
             assert len(cold) == 2 and all(line.endswith(" 1.0") for line in cold), cold
             total = metric_lines(client.get("/metrics").text, 'llmrec_api_requests_total{method="GET",'
@@ -80,9 +72,12 @@ def test_two_workers_serve_follow_the_alias_and_merge_metrics(served_home, tmp_p
                     break
                 time.sleep(0.1)
             assert versions[-6:] == ["2"] * 6 and set(versions) <= {"1", "2"}, versions
-            served = metric_lines(client.get("/metrics").text, "llmrec_api_served_version")
-            assert len(served) == 2 and all(line.endswith(" 2.0") for line in served), served
+            while True:  # both workers follow (each polls on its own)
+                served = metric_lines(client.get("/metrics").text, "llmrec_api_served_version")
+                if len(served) == 2 and all(line.endswith(" 2.0") for line in served):
+                    break
+                assert time.time() < deadline, served
+                time.sleep(0.5)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+        stop(process)
     assert key not in log.read_text()
