@@ -157,6 +157,20 @@ class TrainingConfig(BaseModel):
     )
     seed: int = Field(0, description="Seed for sampling, initialisation and shuffling.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA with bf16 autocast when available.")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Data-parallel training processes (torch.distributed: gloo on CPU, NCCL with one GPU "
+        "per worker on CUDA). 1 trains in the flow's own process and starts nothing.",
+    )
+    master_addr: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Address the workers rendezvous at (workers > 1); the loopback default keeps "
+        "every connection on this machine.",
+    )
+    master_port: int = Field(0, ge=0, le=65535, description="Rendezvous port (workers > 1); 0 picks a free one.")
 
 
 class EvaluationConfig(BaseModel):

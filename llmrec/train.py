@@ -92,6 +92,57 @@ def export_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -
     return exported
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's place in a data-parallel fit: rank `rank` of `world` processes. Every
+    process draws the same shuffled order, takes every `world`-th row of each global batch
+    and averages its gradients with the others, so a step sees the same rows (and about the
+    same gradient) whatever the number of processes. world=1 is the plain in-process loop."""
+
+    rank: int = 0
+    world: int = 1
+
+    def rows(self, batch: torch.Tensor) -> torch.Tensor:
+        # A last batch with fewer rows than processes is used whole by each of them: the
+        # average of identical gradients is that batch's gradient, and no row is dropped.
+        return batch[self.rank :: self.world] if len(batch) >= self.world else batch
+
+    def negatives_generator(self, generator: torch.Generator, seed: int) -> torch.Generator:
+        """Where the ranking negatives are drawn from: the shuffling generator itself in one
+        process (unchanged results); in several, one stream per rank, or every rank would
+        draw the same negatives."""
+        return generator if self.world == 1 else torch.Generator().manual_seed(seed * 1_000_003 + self.rank + 1)
+
+    def loss_function(self, model: nn.Module, device: torch.device) -> Callable:
+        if self.world == 1:
+            return lambda *args: batch_loss(model, *args)
+        from torch.nn.parallel import DistributedDataParallel
+
+        # DDP hooks the gradient all-reduce into backward of what its forward returns; the
+        # loss of a batch is that forward.
+        return DistributedDataParallel(BatchLoss(model), device_ids=[device] if device.type == "cuda" else None)
+
+    def total(self, *values: float) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        summed = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(summed)
+        return summed.tolist()
+
+
+class BatchLoss(nn.Module):
+    """`batch_loss` as a module's forward, for DistributedDataParallel to wrap."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        return batch_loss(self.model, *args)
+
+
 def train(
     checkpoint: Checkpoint,
     user_features: TextFeatures,
@@ -106,11 +157,28 @@ def train(
 
     `user_features` / `item_features` are the frozen encoder outputs row-aligned with the
     checkpoint's vocabularies. Each step encodes only the distinct users and items of its
-    batch, then scores every rating of the batch from those vectors.
+    batch, then scores every rating of the batch from those vectors. With
+    `config.workers` > 1 the same loop runs data-parallel in that many processes
+    (llmrec.distributed); the checkpoint comes back the same way either way.
     """
-    device = pick_device(config.device)
+    if config.workers > 1:
+        from llmrec.distributed import train_data_parallel
+
+        return train_data_parallel(checkpoint, user_features, item_features, user_rows, item_rows, ratings, config,
+                                   on_epoch)
+    result = train_loop(checkpoint, user_features, item_features, user_rows, item_rows, ratings, config, on_epoch,
+                        pick_device(config.device))
+    checkpoint.model = checkpoint.model.cpu().eval()
+    return result
+
+
+def train_loop(checkpoint: Checkpoint, user_features: TextFeatures, item_features: TextFeatures, user_rows: np.ndarray,
+               item_rows: np.ndarray, ratings: np.ndarray, config: TrainingConfig,
+               on_epoch: Callable[[int, float], None] | None, device: torch.device, shard: Shard = Shard()) -> TrainResult:
+    """The loop itself, in one process (`shard`: which part of each batch is this one's)."""
     model = checkpoint.model.to(device).train()
     optimizer = make_optimizer(checkpoint, config, device)
+    loss_of = shard.loss_function(model, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     users = torch.as_tensor(user_rows, dtype=torch.long)
     items = torch.as_tensor(item_rows, dtype=torch.long)
@@ -123,17 +191,19 @@ def train(
         # Expected times an item is a candidate of the ranking term: the batch's items are
         # drawn in proportion to their share of the rows, the extra negatives uniformly.
         share = torch.bincount(items, minlength=len(item_features)).float() / max(len(items), 1)
-        expected = config.batch_size * share + config.ranking_negatives / max(len(item_features) - 1, 1)
+        # (per process: each takes its share of the batch and draws its own negatives)
+        expected = len(shard.rows(torch.arange(config.batch_size))) * share + config.ranking_negatives / max(len(item_features) - 1, 1)
         log_q = torch.log(expected.clamp_min(1e-6)).to(device)
+    negatives = shard.negatives_generator(generator, config.seed + checkpoint.global_step)
     result = TrainResult()
     start = time.perf_counter()
     for epoch in range(config.epochs):
         order = torch.randperm(len(targets), generator=generator)
         total, seen = 0.0, 0
         for first in range(0, len(order), config.batch_size):
-            batch = order[first : first + config.batch_size]
-            loss, fit_loss = batch_loss(model, user_features, item_features, users[batch], items[batch],
-                                        targets[batch], config, generator, device, autocast, log_q)
+            batch = shard.rows(order[first : first + config.batch_size])
+            loss, fit_loss = loss_of(user_features, item_features, users[batch], items[batch], targets[batch], config,
+                                     negatives, device, autocast, log_q)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -141,16 +211,17 @@ def train(
             result.steps += 1
             total += float(fit_loss.detach()) * len(batch)
             seen += len(batch)
+        total, seen = shard.total(total, seen)
         epoch_loss = total / max(seen, 1)
         result.epoch_losses.append(epoch_loss)
-        result.ratings += seen
-        log.info("epoch %d/%d: loss %.4f (%d ratings, step %d)", epoch + 1, config.epochs, epoch_loss, seen,
-                 checkpoint.global_step)
+        result.ratings += int(seen)
+        if shard.rank == 0:
+            log.info("epoch %d/%d: loss %.4f (%d ratings, step %d)", epoch + 1, config.epochs, epoch_loss, seen,
+                     checkpoint.global_step)
         if on_epoch is not None:
             on_epoch(epoch, epoch_loss)
     result.seconds = time.perf_counter() - start
-    checkpoint.model = model.cpu().eval()
-    checkpoint.optimizer_state = export_optimizer_state(checkpoint.model, optimizer)
+    checkpoint.optimizer_state = export_optimizer_state(model, optimizer)
     checkpoint.loss_kind = config.loss
     return result
 
