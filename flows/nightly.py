@@ -102,17 +102,17 @@ def run_night(config: NightlyConfig, home: Home, run_name: str) -> dict:
         return finish(run_name, batch, curated, note="No new rows tonight: nothing trained, nothing registered.")
     text_encoder = t.load_encoder(config.model.encoder)
     champion = t.load_champion(home, config.registered_model, text_encoder)
-    texts, events = t.read_curated(home)
+    texts, history, events = t.read_curated(home)
     cache = TextCache.for_model(home.cache, text_encoder, champion.model_config(config.model))
     progress.info("%s load: champion %s, %d events, %d items", run_name,
-                  f"v{champion.version}" if champion.version else "none (first model)", len(events), len(texts.items))
+                  f"v{champion.version}" if champion.version else "none (first model)", history.rows, len(texts.items))
     drift = t.drift(events, champion.ingest_watermark, texts, config) if champion.version else None
     if drift is not None:
         progress.info("%s drift: share %.2f, drifted %s", run_name, drift.share, ", ".join(drift.drifted) or "none")
         drifting = drift_hold(drift, config.monitor)
         if drifting:
             alert("llmrec.data.drift", run_name, drifting, share=drift.share, scores=drift.scores)
-    window = t.window(home, events, champion.ingest_watermark, config)
+    window = t.window(home, history, champion.ingest_watermark, config)
     progress.info("%s window: %d train rows (%d replayed), %d held out, %d anchor", run_name, len(window.train),
                   window.replay_rows, len(window.held_out), len(window.anchor))
     if window.train.empty:
@@ -121,7 +121,7 @@ def run_night(config: NightlyConfig, home: Home, run_name: str) -> dict:
     trained = t.fine_tune(champion, cache, texts, window, config, home, run_name)
     progress.info("%s fine-tune: step %d -> %d, last epoch loss %.4f", run_name, trained.start_step,
                   trained.global_step, trained.result.epoch_losses[-1])
-    metrics = t.evaluate(window, events, trained, champion, cache, texts, config)
+    metrics = t.evaluate(window, history, events, trained, champion, cache, texts, config)
     held_out = metrics["challenger"].get("held_out", {})
     progress.info("%s evaluate: held-out rmse %.4f, recall@%d %.4f", run_name, held_out.get("rmse", float("nan")),
                   config.evaluation.k, held_out.get(f"recall_at_{config.evaluation.k}", float("nan")))

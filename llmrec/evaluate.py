@@ -23,6 +23,7 @@ import pandas as pd
 
 from llmrec.config import NightlyConfig
 from llmrec.encoder import TextCache
+from llmrec.history import History
 from llmrec.model import Checkpoint
 from llmrec.schema import CatalogTexts
 from llmrec.scoring import Scorer
@@ -269,16 +270,20 @@ def global_mean_metrics(mean: float, rows: pd.DataFrame) -> dict[str, float]:
     return rating_metrics(truth, np.full(len(truth), mean))
 
 
-def evaluate_models(window: Window, events: pd.DataFrame, challenger: Checkpoint, champion: Checkpoint | None,
-                    cache: TextCache, texts: CatalogTexts, config: NightlyConfig) -> dict:
+def evaluate_models(window: Window, history: History, events: pd.DataFrame, challenger: Checkpoint,
+                    champion: Checkpoint | None, cache: TextCache, texts: CatalogTexts, config: NightlyConfig) -> dict:
     """Score challenger and champion on the same held-out rows, plus the global-mean
     predictor: {"challenger": {part: metrics}, "champion": ... or None, "global_mean": ...,
     "samples": {part: {"challenger": Sample, "champion": Sample (when there is one)}},
     "segments": [one row per part and segment, see `segment_rows`]}.
-    Candidates for ranking exclude every pair in `events` outside the part itself."""
+    Candidates for ranking exclude every pair in the curated `history` outside the part
+    itself; only the events of the users ranked are read. The segments still count ratings
+    over all of `events` (the whole history as a frame)."""
     parts = {"held_out": window.held_out, "anchor": window.anchor}
     eval_rows = pd.concat(parts.values(), ignore_index=True)
     samples: dict[str, dict] = {part: {} for part, rows in parts.items() if not rows.empty}
+    ranked = eval_rows.loc[eval_rows["rating"] >= config.evaluation.relevant_rating, "user_id"].unique()
+    seen = history.pairs(ranked)
 
     def metrics_of(checkpoint: Checkpoint, who: str) -> dict:
         scorer = Scorer.from_checkpoint(checkpoint, cache, texts, eval_rows)
@@ -286,7 +291,7 @@ def evaluate_models(window: Window, events: pd.DataFrame, challenger: Checkpoint
         for part, rows in parts.items():
             if rows.empty:
                 continue
-            trained_pairs = without(events, rows)[["user_id", "item_id"]]
+            trained_pairs = without(seen, rows)[["user_id", "item_id"]]
             out[part], samples[part][who] = evaluate_sample(
                 scorer, rows, trained_pairs, config.evaluation.k, config.evaluation.relevant_rating,
                 config.training.positive_threshold)

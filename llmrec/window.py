@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from llmrec.config import EvaluationConfig, Home, TrainingConfig
+from llmrec.history import History
 from llmrec.ingest import write_atomic
 
 KEY = ["user_id", "item_id", "timestamp"]
@@ -66,10 +68,20 @@ def without(rows: pd.DataFrame, drop: pd.DataFrame) -> pd.DataFrame:
 
 def split(events: pd.DataFrame, watermark: int, anchor: pd.DataFrame | None,
           training: TrainingConfig, evaluation: EvaluationConfig) -> Window:
-    """Cut tonight's window out of all curated events. `watermark` is the champion's
-    ingest sequence (0 before the first model); `anchor` is None on the first night."""
-    new = events[events["_ingest_seq"] > watermark]
+    """Cut tonight's window out of curated events held in memory (benchmarks, tests); the
+    nightly flow reads them from a `History` instead (`prepare_window`)."""
     older = events[events["_ingest_seq"] <= watermark]
+    latest = int(events["_ingest_seq"].max()) if len(events) else watermark
+    return cut(events[events["_ingest_seq"] > watermark],
+               lambda count, seed: older.sample(n=min(len(older), count), random_state=seed),
+               watermark, latest, anchor, training, evaluation)
+
+
+def cut(new: pd.DataFrame, draw_older: Callable[[int, int], pd.DataFrame], watermark: int, latest: int,
+        anchor: pd.DataFrame | None, training: TrainingConfig, evaluation: EvaluationConfig) -> Window:
+    """Tonight's window from the `new` rows (ingest sequence > `watermark`, the champion's;
+    0 before the first model) and `draw_older(count, seed)`, a uniform sample of the older
+    rows. `anchor` is None on the first night; `latest` is the newest ingest sequence."""
     if anchor is None:
         anchor = draw_anchor(new, evaluation.anchor_fraction, training.seed)
     new = without(new, anchor).sort_values("timestamp", kind="stable")
@@ -79,19 +91,22 @@ def split(events: pd.DataFrame, watermark: int, anchor: pd.DataFrame | None,
     wanted = int(round(len(new_train) * training.replay_fraction))
     # Draw from all older rows, then drop anchor rows from the draw only: a uniform sample
     # of older rows minus the anchor, without an anti-join over the whole history.
-    drawn = older.sample(n=min(len(older), wanted + len(anchor)), random_state=training.seed + watermark)
+    drawn = draw_older(wanted + len(anchor), training.seed + watermark) if wanted else new.iloc[0:0]
     replay = without(drawn, anchor).iloc[:wanted]
     train = pd.concat([new_train, replay], ignore_index=True)
     return Window(train=train.reset_index(drop=True), held_out=held_out.reset_index(drop=True),
                   anchor=anchor.reset_index(drop=True), new_rows=len(new), replay_rows=len(replay),
-                  watermark=int(events["_ingest_seq"].max()) if len(events) else watermark)
+                  watermark=latest)
 
 
-def prepare_window(home: Home, events: pd.DataFrame, watermark: int, training: TrainingConfig,
+def prepare_window(home: Home, history: History, watermark: int, training: TrainingConfig,
                    evaluation: EvaluationConfig) -> Window:
-    """Tonight's window, with the anchor set drawn on the first night and kept in `home`."""
+    """Tonight's window read from the curated `history` (tonight's rows and a replay
+    sample, never the whole of it), with the anchor set drawn on the first night and kept
+    in `home`."""
     anchor = pd.read_parquet(home.anchor) if home.anchor.exists() else None
-    window = split(events, watermark, anchor, training, evaluation)
+    window = cut(history.new_rows(watermark), lambda count, seed: history.sample_older(watermark, count, seed),
+                 watermark, history.watermark if history.rows else watermark, anchor, training, evaluation)
     if anchor is None and len(window.anchor):
         write_atomic(pa.Table.from_pandas(window.anchor, preserve_index=False), home.anchor)
     return window

@@ -15,6 +15,7 @@ from prefect.tasks import exponential_backoff
 
 from llmrec import curate, encoder, evaluate as evaluation, ingest as ingestion, monitor, registry, train, window as windows
 from llmrec.config import Home, NightlyConfig
+from llmrec.history import History
 
 IO_RETRIES = dict(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
 IN_MEMORY = dict(cache_policy=NO_CACHE, persist_result=False)
@@ -42,12 +43,13 @@ def load_champion(home: Home, registered_model: str, text_encoder: encoder.Encod
 
 @task(name="read-curated", **IO_RETRIES, **IN_MEMORY)
 def read_curated(home: Home):
-    return ingestion.read_catalog_texts(home), ingestion.read_events(home)
+    # The whole history as a frame is still read for drift and the evaluation segments.
+    return ingestion.read_catalog_texts(home), History.open(home), ingestion.read_events(home)
 
 
 @task(name="window", **IN_MEMORY)
-def window(home: Home, events, watermark: int, config: NightlyConfig) -> windows.Window:
-    return windows.prepare_window(home, events, watermark, config.training, config.evaluation)
+def window(home: Home, history: History, watermark: int, config: NightlyConfig) -> windows.Window:
+    return windows.prepare_window(home, history, watermark, config.training, config.evaluation)
 
 
 @task(name="fine-tune", **IN_MEMORY)
@@ -64,8 +66,9 @@ def fine_tune(champion, cache, texts, night_window, config: NightlyConfig, home:
 
 
 @task(name="evaluate", **IN_MEMORY)
-def evaluate(night_window, events, trained: train.Trained, champion, cache, texts, config: NightlyConfig) -> dict:
-    return evaluation.evaluate_models(night_window, events, trained.checkpoint, champion.checkpoint, cache, texts, config)
+def evaluate(night_window, history: History, events, trained: train.Trained, champion, cache, texts,
+             config: NightlyConfig) -> dict:
+    return evaluation.evaluate_models(night_window, history, events, trained.checkpoint, champion.checkpoint, cache, texts, config)
 
 
 @task(name="drift", **IN_MEMORY)

@@ -1,0 +1,123 @@
+"""What a night needs from the curated event history, read without loading it whole.
+
+The curated events are Parquet files partitioned by event date, one file per landing file
+and day, every row of a file carrying the ingest sequence it arrived in. A night needs:
+
+    watermark    the newest ingest sequence             Parquet footers only
+    new rows     ingest sequence > champion's watermark  only the files whose footer
+                                                         statistics say so are opened
+    replay       a uniform sample of the older rows      row counts from the footers,
+                                                         then a streamed take of the
+                                                         drawn positions
+    seen pairs   (user, item) pairs of the users ranked  a filtered scan: only the
+                                                         matching rows are materialised
+
+so its memory grows with tonight's rows and the sample, not with the history, and its
+time with the history only through streamed scans of a few columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from llmrec.config import Home
+from llmrec.schema import empty_events
+
+SEQ = "_ingest_seq"
+
+
+@dataclass(frozen=True)
+class EventFile:
+    path: str
+    rows: int
+    first_seq: int
+    last_seq: int
+
+
+def footer(path: str) -> EventFile:
+    """Row count and ingest-sequence range of one curated file, from its footer."""
+    meta = pq.ParquetFile(path).metadata
+    column = meta.schema.to_arrow_schema().get_field_index(SEQ)
+    low, high = [], []
+    for group in range(meta.num_row_groups):
+        stats = meta.row_group(group).column(column).statistics
+        if meta.row_group(group).num_rows:
+            low.append(stats.min)
+            high.append(stats.max)
+    return EventFile(path, meta.num_rows, min(low, default=0), max(high, default=0))
+
+
+class History:
+    """The curated events of one LLMREC_HOME, as footers and filtered reads."""
+
+    def __init__(self, files: list[EventFile]):
+        self.files = sorted(files, key=lambda f: f.path)
+
+    @classmethod
+    def open(cls, home: Home) -> "History":
+        paths = sorted(str(p) for p in home.events.glob("date=*/*.parquet")) if home.events.exists() else []
+        return cls([footer(p) for p in paths])
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    @property
+    def watermark(self) -> int:
+        """The newest ingest sequence among the curated events (0 when there are none)."""
+        return max((f.last_seq for f in self.files), default=0)
+
+    def _dataset(self, files: list[EventFile]) -> ds.Dataset | None:
+        return ds.dataset([f.path for f in files], format="parquet") if files else None
+
+    def _columns(self, dataset: ds.Dataset) -> list[str]:
+        return [c for c in dataset.schema.names if c != "date"]
+
+    def new_rows(self, watermark: int) -> pd.DataFrame:
+        """Every event that arrived after `watermark`: only files whose sequence range
+        reaches past it are opened."""
+        dataset = self._dataset([f for f in self.files if f.last_seq > watermark])
+        if dataset is None:
+            return self.empty()
+        table = dataset.to_table(columns=self._columns(dataset), filter=pc.field(SEQ) > watermark)
+        return table.to_pandas().sort_values(["timestamp", "user_id", "item_id"], kind="stable").reset_index(drop=True)
+
+    def older_rows(self, watermark: int) -> int:
+        return sum(f.rows for f in self.files if f.last_seq <= watermark) + sum(
+            self._dataset([f]).count_rows(filter=pc.field(SEQ) <= watermark)
+            for f in self.files if f.first_seq <= watermark < f.last_seq)
+
+    def sample_older(self, watermark: int, count: int, seed: int) -> pd.DataFrame:
+        """A uniform sample without replacement of `count` events with ingest sequence <=
+        `watermark` (all of them when there are fewer), deterministic in `seed`. The
+        positions are drawn first, then taken in one streamed pass over the older files."""
+        older = [f for f in self.files if f.first_seq <= watermark]
+        total = self.older_rows(watermark)
+        count = min(count, total)
+        if count == 0:
+            return self.empty()
+        positions = np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False))
+        dataset = self._dataset(older)
+        table = dataset.take(positions, columns=self._columns(dataset), filter=pc.field(SEQ) <= watermark)
+        # Shuffled, so that the first n rows of the sample are a sample too.
+        return table.to_pandas().sample(frac=1.0, random_state=seed).reset_index(drop=True)
+
+    def pairs(self, users, columns=("user_id", "item_id", "timestamp")) -> pd.DataFrame:
+        """The events of `users` (ranking excludes the items a user has rated)."""
+        dataset = self._dataset(self.files)
+        if dataset is None or not len(users):
+            return self.empty()[list(columns)]
+        table = dataset.to_table(columns=list(columns), filter=pc.field("user_id").isin(list(users)))
+        return table.to_pandas()
+
+    @staticmethod
+    def empty() -> pd.DataFrame:
+        frame = empty_events()
+        frame[SEQ] = pd.Series(dtype="int64")
+        return frame

@@ -1,0 +1,94 @@
+"""What a night reads from the curated history: footers, pruned and filtered reads, a
+uniform replay sample; never the whole history as one frame."""
+
+import pandas as pd
+import pytest
+
+from llmrec import ingest
+from llmrec.config import EvaluationConfig, Home, TrainingConfig
+from llmrec.data import copy_drop, synthetic_drops
+from llmrec.history import EventFile, History
+from llmrec.window import KEY, prepare_window
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """Three nights ingested: ingest sequences 1, 2, 3."""
+    root = tmp_path_factory.mktemp("history")
+    tags = synthetic_drops(root / "drops", users=40, items=50, days=3, seed=2)
+    home = Home(root / "home").ensure()
+    for tag in tags:
+        landing = root / f"landing-{tag}"
+        copy_drop(root / "drops", tag, landing)
+        fs, files = ingest.list_landing(str(landing))
+        manifest = ingest.read_manifest(home)
+        reads = [ingest.read_landing_file(fs, f) for f in ingest.discover(fs, files, manifest).new]
+        ingest.curate(home, reads, [], ingest.next_ingest_seq(manifest))
+    return home
+
+
+def keys(frame):
+    return set(map(tuple, frame[KEY].astype(str).to_numpy()))
+
+
+def test_watermark_and_row_count_come_from_the_footers(home):
+    events = ingest.read_events(home)
+    history = History.open(home)
+    assert history.watermark == events["_ingest_seq"].max() == 3
+    assert history.rows == len(events)
+    assert len(history.files) == 3
+
+
+def test_new_rows_open_only_the_files_past_the_watermark(home, tmp_path):
+    events = ingest.read_events(home)
+    expected = events[events["_ingest_seq"] > 2]
+    # A copy of the history whose older files are wrecked after their footers were read:
+    # tonight's rows must still read, so those files were never opened.
+    files = []
+    for n, f in enumerate(History.open(home).files):
+        target = tmp_path / f"{n}.parquet"
+        target.write_bytes(b"not parquet" if f.last_seq <= 2 else open(f.path, "rb").read())
+        files.append(EventFile(str(target), f.rows, f.first_seq, f.last_seq))
+    rows = History(files).new_rows(2)
+    assert len(rows) == len(expected) and keys(rows) == keys(expected)
+    assert (rows["timestamp"].diff().dropna() >= pd.Timedelta(0)).all()
+    with pytest.raises(Exception):
+        History(files).new_rows(1)
+
+
+def test_replay_sample_is_uniform_over_older_rows_and_repeatable(home):
+    events = ingest.read_events(home)
+    older = events[events["_ingest_seq"] <= 2]
+    history = History.open(home)
+    sample = history.sample_older(2, 100, seed=7)
+    assert len(sample) == 100 and (sample["_ingest_seq"] <= 2).all()
+    assert len(keys(sample)) == 100 and keys(sample) <= keys(older)
+    assert keys(history.sample_older(2, 100, seed=7)) == keys(sample)
+    assert keys(history.sample_older(2, 100, seed=8)) != keys(sample)
+    # Both older nights are drawn from, in proportion to their size (within sampling noise).
+    share = (sample["_ingest_seq"] == 1).mean()
+    expected = (older["_ingest_seq"] == 1).mean()
+    assert abs(share - expected) < 0.2
+    assert keys(history.sample_older(2, 10**9, seed=0)) == keys(older)
+    assert history.sample_older(0, 10, seed=0).empty
+
+
+def test_seen_pairs_are_the_events_of_the_users_asked_for(home):
+    events = ingest.read_events(home)
+    users = sorted(events["user_id"].unique())[:5]
+    pairs = History.open(home).pairs(users)
+    assert keys(pairs) == keys(events[events["user_id"].isin(users)])
+    assert History.open(home).pairs([]).empty
+
+
+def test_window_from_history_matches_tonights_rows_and_replays_older_ones(home, tmp_path):
+    events = ingest.read_events(home)
+    night = Home(tmp_path / "night").ensure()
+    window = prepare_window(night, History.open(home), 2, TrainingConfig(replay_fraction=0.5), EvaluationConfig())
+    tonight = events[events["_ingest_seq"] == 3]
+    assert window.watermark == 3
+    assert window.new_rows == len(tonight) - len(keys(window.anchor) & keys(tonight))
+    replay = window.train[window.train["_ingest_seq"] <= 2]
+    assert len(replay) == window.replay_rows == round((len(window.train) - window.replay_rows) * 0.5)
+    assert not keys(replay) & keys(window.anchor)
+    assert keys(window.held_out) <= keys(tonight)
