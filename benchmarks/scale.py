@@ -264,14 +264,16 @@ def main() -> None:
         results.append(result)
         print(f"  built in {result['build_s']:.0f} s, champion in {result['bootstrap_s']:.0f} s; "
               f"night {result['landing_to_champion_s']:.1f} s, peak RSS {common.gib(result['peak_rss'])}", flush=True)
+        print(table([result]).splitlines()[-1], flush=True)
+        if args.json:
+            # Written after every size, so a long run that is stopped keeps what it measured.
+            args.json.write_text(json.dumps(results, indent=1))
     print()
     print(table(results))
     largest, smallest = results[-1], results[0]
     ratio = largest["landing_to_champion_s"] / smallest["landing_to_champion_s"]
     print(f"\nnight on {largest['history']:,} vs {smallest['history']:,} events: {ratio:.2f}x (target <= 2x); "
           f"peak RSS at {largest['history']:,}: {common.gib(largest['peak_rss'])} (target <= 8 GiB)")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
 
 
 def argparse_hidden() -> str:

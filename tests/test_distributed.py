@@ -44,6 +44,8 @@ def test_two_workers_reach_the_held_out_rmse_of_one_within_seed_noise(tiny_encod
     train_rows, held_out, _ = ratings
     global_mean = float(np.sqrt(np.mean((held_out["rating"] - train_rows["rating"].mean()) ** 2)))
     noise = max(3 * float(np.std(one, ddof=1)), 0.01)
+    print(f"held-out RMSE: 1 worker (seeds 0, 1, 2) {np.round(one, 4).tolist()}, 2 workers (seed 0) {two:.4f}, "
+          f"global mean {global_mean:.4f}, allowed |2 - mean(1)| <= {noise:.4f}")
     assert abs(two - float(np.mean(one))) <= noise, (two, one)
     # ... and both actually learned something beyond the global mean.
     assert max(one) < global_mean - 0.03 and two < global_mean - 0.03, (one, two, global_mean)
