@@ -210,6 +210,44 @@ def one_size(size: int, args) -> dict:
             "window": summary["window"], "decision": summary["decision"]["alias"] if summary["decision"] else None}
 
 
+def history_reads(root: Path, ranked_users: int, seed: int) -> dict:
+    """What a night reads from an existing home's history, each read timed alone with its
+    peak RSS: the newest ingest sequence plays tonight's rows, replay asks for half of them."""
+    from llmrec.config import Home
+    from llmrec.history import History
+
+    figures: dict = {"home": str(root)}
+
+    def measured(name, read):
+        common.release_memory()
+        common.reset_peak_rss()
+        start = time.perf_counter()
+        value = read()
+        figures[name] = {"seconds": time.perf_counter() - start, "peak_rss": common.peak_rss()}
+        return value
+
+    history = measured("open (footers)", lambda: History.open(Home(root)))
+    tonight = measured("new rows", lambda: history.new_rows(history.watermark - 1))
+    measured("replay sample", lambda: history.sample_older(history.watermark - 1, len(tonight) // 2, seed))
+    users = tonight["user_id"].drop_duplicates().head(ranked_users)
+    measured("seen pairs", lambda: history.pairs(users))
+    figures["history"], figures["tonight"], figures["users"] = history.rows, len(tonight), len(users)
+    return figures
+
+
+def reads_table(results: list[dict]) -> str:
+    from llmrec.report import render_table
+
+    rows = []
+    for r in results:
+        row = {"history": f"{r['history']:,}", "tonight": f"{r['tonight']:,}", "ranked users": f"{r['users']:,}"}
+        for name in ("open (footers)", "new rows", "replay sample", "seen pairs"):
+            row[f"{name} s"] = f"{r[name]['seconds']:.2f}"
+            row[f"{name} peak"] = common.gib(r[name]["peak_rss"])
+        rows.append(row)
+    return render_table(rows)
+
+
 def table(results: list[dict]) -> str:
     from llmrec.report import render_table
 
@@ -240,8 +278,14 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()), help="where the homes are built")
     p.add_argument("--set", action="append", default=[], help="NightlyConfig override KEY=VALUE (repeatable)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--reads", type=Path, nargs="+",
+                   help="only time the history reads of a night on these existing homes (built by a run)")
     p.add_argument("--one", type=int, help=argparse_hidden())
     args = p.parse_args()
+    if args.reads:
+        common.print_machine()
+        print(reads_table([history_reads(home, 5_000, args.seed) for home in args.reads]))
+        return
     defaults = QUICK if args.quick else FULL
     for key in ("sizes", "users", "items", "new"):
         if getattr(args, key) is None:

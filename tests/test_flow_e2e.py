@@ -179,10 +179,12 @@ def test_fail_on_invalid_stops_the_run(prefect_server, world, tmp_path):
 
 def test_a_night_loads_encoder_champion_and_curated_data_once(prefect_server, world, monkeypatch):
     """The flow loads the heavy things once and hands them down: one encoder load, one
-    champion checkpoint load, one read of the events and of the catalog per night."""
+    champion checkpoint load, one read of the catalog and one opening of the curated history
+    per night; the whole history is never read as one frame (llmrec.history)."""
     from llmrec import encoder, ingest, model
+    from llmrec.history import History
 
-    calls = {"encoder": 0, "checkpoint": 0, "events": 0, "catalog": 0}
+    calls = {"encoder": 0, "checkpoint": 0, "events": 0, "history": 0, "catalog": 0}
 
     def counted(name, function):
         def wrapper(*args, **kwargs):
@@ -194,9 +196,10 @@ def test_a_night_loads_encoder_champion_and_curated_data_once(prefect_server, wo
     monkeypatch.setattr(model, "load", counted("checkpoint", model.load))
     monkeypatch.setattr(ingest, "read_events", counted("events", ingest.read_events))
     monkeypatch.setattr(ingest, "read_catalog_texts", counted("catalog", ingest.read_catalog_texts))
+    monkeypatch.setattr(History, "open", classmethod(counted("history", History.open.__func__)))
     night = run_night(world, world["tags"][6:7])
     assert night["status"] == "registered" and night["resumed_from"] is not None
-    assert calls == {"encoder": 1, "checkpoint": 1, "events": 1, "catalog": 1}
+    assert calls == {"encoder": 1, "checkpoint": 1, "events": 0, "history": 1, "catalog": 1}
     # The night's full report sits beside its MLflow run.
     run_id = MlflowClient().get_model_version(world["config"].registered_model, night["version"]).run_id
     report = mlflow.artifacts.load_text(f"runs:/{run_id}/report.md")
