@@ -15,7 +15,7 @@ For each history size, in a fresh process (so its peak RSS is its own):
    text cache before the night (`--cache`, shared by the sizes), as they would be after
    the first night in production.
 3. One landing file of `--new` events arrives and the real flow (`nightly_retrain`) runs:
-   ingest, validate and curate, load, window, fine-tune, evaluate, register and gate. Each
+   ingest, validate and curate, load, drift, window, fine-tune, evaluate, register and gate. Each
    stage's wall time and the peak RSS of the process during it come from the flow's own
    progress lines (one per stage); landing-to-champion is the whole flow call.
 
@@ -42,7 +42,7 @@ import common  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-STAGES = ("ingest", "validate", "load", "window", "fine-tune", "evaluate", "register")
+STAGES = ("ingest", "validate", "load", "drift", "window", "fine-tune", "evaluate", "register")
 FULL = dict(sizes=[1_000_000, 3_000_000, 10_000_000], users=160_000, items=60_000, new=100_000)
 QUICK = dict(sizes=[100_000, 300_000], users=8_000, items=3_000, new=10_000)
 

@@ -28,7 +28,8 @@ def test_scale_benchmark_quick_times_every_stage_of_a_night(tiny_encoder, tmp_pa
     results = json.loads(out.read_text())
     assert [r["history"] for r in results] == [100_000, 300_000]
     for result in results:
-        assert set(result["stages"]) == {"ingest", "validate", "load", "window", "fine-tune", "evaluate", "register"}
+        assert set(result["stages"]) == {"ingest", "validate", "load", "drift", "window", "fine-tune", "evaluate",
+                                         "register"}
         assert all(stage["seconds"] > 0 and stage["peak_rss"] > 0 for stage in result["stages"].values())
         assert result["landing_to_champion_s"] >= sum(stage["seconds"] for stage in result["stages"].values())
         # Tonight's 10k rows, not the history, are the window's new rows; replay is drawn from history.
