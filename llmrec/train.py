@@ -120,7 +120,10 @@ class Shard:
 
         # DDP hooks the gradient all-reduce into backward of what its forward returns; the
         # loss of a batch is that forward.
-        return DistributedDataParallel(BatchLoss(model), device_ids=[device] if device.type == "cuda" else None)
+        # Some weights take no part in some losses (e.g. ranking-only ones with
+        # ranking_weight=0): DDP must not wait for their gradients.
+        return DistributedDataParallel(BatchLoss(model), device_ids=[device] if device.type == "cuda" else None,
+                                       find_unused_parameters=True)
 
     def total(self, *values: float) -> list[float]:
         if self.world == 1:
