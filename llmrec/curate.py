@@ -1,10 +1,15 @@
-"""Validate and curate: every new landing file is checked; the failures are quarantined
-with their report, the rest appended to the curated data with a manifest entry each."""
+"""Validate and curate: every new landing entry is checked; the failures are quarantined
+with their report, the rest appended to the curated data with a manifest entry each.
+Event rows whose (user_id, item_id, timestamp) is already curated, or came in an earlier
+entry of the same batch, are dropped as duplicates and counted."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
+
+import pandas as pd
 
 from llmrec import ingest
 from llmrec.config import Home
@@ -23,6 +28,7 @@ class CurateResult:
     rows_in: int
     rows_curated: int
     rows_quarantined: int
+    rows_duplicate: int = 0
     validation: list[dict] = field(default_factory=list)
     validation_markdown: str = ""
 
@@ -34,6 +40,7 @@ class CurateResult:
             "rows_in": self.rows_in,
             "rows_curated": self.rows_curated,
             "rows_quarantined": self.rows_quarantined,
+            "rows_duplicate": self.rows_duplicate,
         }
 
 
@@ -41,9 +48,35 @@ def event_rows(reads) -> int:
     return sum(r.rows for r in reads if r.file.kind == EVENTS)
 
 
+def event_keys(events: pd.DataFrame) -> pd.MultiIndex:
+    """(user_id, item_id, timestamp in UTC nanoseconds) of each row, comparable across
+    files whatever their timestamp unit."""
+    stamps = pd.to_datetime(events["timestamp"], utc=True).dt.as_unit("ns").astype("int64")
+    return pd.MultiIndex.from_arrays([events["user_id"].astype(str).to_numpy(), events["item_id"].astype(str).to_numpy(),
+                                      stamps.to_numpy()])
+
+
+def drop_duplicates(reads: list[ingest.LandingRead], curated: pd.DataFrame) -> list[ingest.LandingRead]:
+    """Each events read without the rows whose key is in `curated` or in an earlier read
+    of `reads`; the count dropped goes to the read's `duplicates`."""
+    seen = event_keys(curated)
+    out = []
+    for read in reads:
+        if read.file.kind != EVENTS:
+            out.append(read)
+            continue
+        keys = event_keys(read.frame)
+        repeated = keys.isin(seen)
+        seen = seen.append(keys[~repeated])
+        fresh = read.frame[~repeated].reset_index(drop=True)
+        out.append(dataclasses.replace(read, frame=fresh, duplicates=int(repeated.sum())))
+    return out
+
+
 def validate_and_curate(home: Home, batch: ingest.IngestResult, fail_on_invalid: bool = False) -> CurateResult:
-    """Validate every new file; quarantine the failures; append the rest to the curated
-    data. Catalog files are checked first so events may reference items arriving with them."""
+    """Validate every new entry; quarantine the failures; append the rest, without duplicate
+    event rows, to the curated data. Catalog files are checked first so events may
+    reference items arriving with them."""
     manifest = ingest.read_manifest(home)
     seq = ingest.next_ingest_seq(manifest)
     validator = Validator(home.gx)
@@ -59,25 +92,31 @@ def validate_and_curate(home: Home, batch: ingest.IngestResult, fail_on_invalid:
                 known_items |= set(read.frame["item_id"].astype(str))
             results.append((read, result))
     failed = [(read, result) for read, result in results if not result.success]
-    quarantined = [(read, str(quarantine(result, read.raw, home.quarantine))) for read, result in failed]
+    quarantined = [(read, str(quarantine(result, read.contents, home.quarantine, read.checksum)))
+                   for read, result in failed]
     validation_markdown = report_markdown([result for _, result in results])
     for read, result in failed:
-        log.warning("quarantined %s: %s", read.file.uri, result.summary())
+        log.warning("quarantined %s: %s", read.file.name, result.summary())
     if failed and fail_on_invalid:
         ingest.curate(home, [], quarantined, seq)
         raise LlmrecError(
             f"{len(failed)} landing file(s) failed validation and fail_on_invalid is set; nothing was curated:\n"
-            + "\n".join(f"{r.file.uri}: {res.summary()}" for r, res in failed)
+            + "\n".join(f"{r.file.name}: {res.summary()}" for r, res in failed)
         )
-    accepted = [read for read, result in results if result.success]
+    accepted = drop_duplicates([read for read, result in results if result.success],
+                               ingest.read_events(home, columns=["user_id", "item_id", "timestamp"]))
     ingest.curate(home, accepted, quarantined, seq)
+    duplicates = sum(r.duplicates for r in accepted)
+    if duplicates:
+        log.warning("dropped %d event row(s) already curated or repeated across tonight's files", duplicates)
     return CurateResult(
         ingest_seq=seq,
-        files_curated=[r.file.uri for r in accepted],
-        files_quarantined=[{"file": r.file.uri, "quarantine": path} for r, path in quarantined],
+        files_curated=[r.file.name for r in accepted],
+        files_quarantined=[{"file": r.file.name, "quarantine": path} for r, path in quarantined],
         rows_in=event_rows(r for r, _ in results),
         rows_curated=event_rows(accepted),
         rows_quarantined=event_rows(r for r, _ in failed),
+        rows_duplicate=duplicates,
         validation=[result.to_dict() for _, result in results],
         validation_markdown=validation_markdown,
     )

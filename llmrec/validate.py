@@ -32,6 +32,7 @@ from great_expectations.data_context.types.base import ProgressBarsConfig
 from great_expectations.exceptions import DataContextError
 
 from llmrec import schema
+from llmrec.files import bounded_name
 from llmrec.report import render_table
 
 SITE = "llmrec"
@@ -41,6 +42,8 @@ BATCH_DEFINITION = "whole_file"
 MAX_EXAMPLES = 5
 UTC_NAMES = {"UTC", "Etc/UTC"}
 TIMEZONE_CHECK = "llmrec_expect_column_timezone_to_be_utc"
+# An id that is empty or only whitespace names nobody.
+BLANK = r"^\s*$"
 TYPE_WORDS = {"str": "string", "float64": "float64", "Timestamp": "tz-aware datetime"}
 
 
@@ -116,7 +119,7 @@ def _gx_type(pa_type: pa.DataType) -> str:
 
 
 def _required_expectations(kind: str) -> list[gxe.Expectation]:
-    """Presence, type and non-null checks of every required column of `kind`."""
+    """Presence, type and non-null checks of every required column of `kind`; ids not blank."""
     expectations = []
     for column, pa_type in schema.required_columns(kind).items():
         expectations += [
@@ -124,6 +127,8 @@ def _required_expectations(kind: str) -> list[gxe.Expectation]:
             gxe.ExpectColumnValuesToBeOfType(column=column, type_=_gx_type(pa_type)),
             gxe.ExpectColumnValuesToNotBeNull(column=column),
         ]
+        if column.endswith("_id"):
+            expectations.append(gxe.ExpectColumnValuesToNotMatchRegex(column=column, regex=BLANK))
     return expectations
 
 
@@ -174,6 +179,8 @@ def _rule(expectation: str, kwargs: dict) -> str:
         return f"{column} of type {TYPE_WORDS.get(kwargs['type_'], kwargs['type_'])}"
     if expectation == "expect_column_values_to_not_be_null":
         return f"{column} not null"
+    if expectation == "expect_column_values_to_not_match_regex":
+        return f"{column} not blank"
     if expectation == "expect_column_values_to_be_between":
         if low is not None and high is not None:
             return f"{column} between {low} and {high}"
@@ -299,7 +306,8 @@ class Validator:
             # The same verdict as the whole catalog, but the set GX stores and renders stays
             # as small as this file's distinct ids.
             parameters["known_item_ids"] = sorted({i for i in present if i in known_item_ids})
-        run_id = RunIdentifier(run_name=_file_name(source), run_time=dt.datetime.now(dt.timezone.utc))
+        # GX names a folder after the run; a 255-byte landing name plus its suffixes would not fit.
+        run_id = RunIdentifier(run_name=bounded_name(_file_name(source), limit=200), run_time=dt.datetime.now(dt.timezone.utc))
         # Copy-on-write (pandas 3) makes this shallow copy a firewall for the caller's frame.
         result = self._checkpoint(kind, check_items).run(
             batch_parameters={"dataframe": frame.copy(deep=False)}, expectation_parameters=parameters, run_id=run_id
@@ -406,19 +414,24 @@ def _file_name(source: str) -> str:
     return re.split(r"[\\/]", source.rstrip("/\\"))[-1] or "landing-file"
 
 
-def quarantine(result: FileValidation, raw: bytes, quarantine_dir: Path) -> Path:
-    """Keep a rejected file at `quarantine_dir/<name>-<sha256[:12]>/`: its original bytes,
-    `validation.json` and `data_docs.html`. Built in a temp folder and moved into place
-    in one rename; an existing copy of the same content is left as it is."""
+def quarantine(result: FileValidation, contents: dict[str, bytes], quarantine_dir: Path, checksum: str) -> Path:
+    """Keep a rejected landing entry at `quarantine_dir/<name>-<checksum[:12]>/`: its original
+    bytes (`contents`, by name; none for an entry that could not be read), `validation.json`
+    and `data_docs.html`. Built in a temp folder and moved into place in one rename; an
+    existing copy of the same content is left as it is. A name too long for the file system
+    is shortened with a hash (`files.bounded_name`)."""
     name = _file_name(result.source)
     quarantine_dir = Path(quarantine_dir)
-    target = quarantine_dir / f"{name}-{hashlib.sha256(raw).hexdigest()[:12]}"
+    target = quarantine_dir / bounded_name(f"{name}-{(checksum or 'unread')[:12]}")
     if target.exists():
         return target
     quarantine_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=quarantine_dir))
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{hashlib.sha256(target.name.encode()).hexdigest()[:12]}.",
+                                    dir=quarantine_dir))
     try:
-        (staging / name).write_bytes(raw)
+        for inner, raw in contents.items():
+            (staging / inner).parent.mkdir(parents=True, exist_ok=True)
+            (staging / inner).write_bytes(raw)
         (staging / "validation.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         if result.data_docs and Path(result.data_docs).is_file():
             shutil.copyfile(result.data_docs, staging / "data_docs.html")
@@ -438,7 +451,7 @@ def _read_error_page(result: FileValidation) -> str:
     return (
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Unreadable landing file</title></head>\n"
         f"<body><h1>Unreadable landing file</h1><p><b>File:</b> <code>{source}</code> "
-        f"({html.escape(result.kind)})</p>\n<p>It could not be read as Parquet, so no expectation ran.</p>\n"
+        f"({html.escape(result.kind)})</p>\n<p>It could not be read, so no expectation ran.</p>\n"
         f"<pre>{error}</pre></body></html>\n"
     )
 
@@ -467,7 +480,7 @@ def report_markdown(results: list[FileValidation]) -> str:
             continue
         lines += ["", f"### {r.source}", ""]
         if r.read_error is not None:
-            lines.append(f"- could not be read as Parquet: `{_code(r.read_error)}`")
+            lines.append(f"- could not be read: `{_code(r.read_error)}`")
         lines += [f"- `{f.column or '(table)'}` ({f.expectation}): {_describe(f, code='`')}" for f in r.failures]
         if r.data_docs:
             lines.append(f"- Data Docs: {r.data_docs}")

@@ -19,7 +19,7 @@ def drops(tmp_path):
 
 
 def ingest_all(landing, home):
-    fs, files = ingest.list_landing(str(landing))
+    fs, files, _ = ingest.list_landing(str(landing))
     manifest = ingest.read_manifest(home)
     found = ingest.discover(fs, files, manifest)
     reads = [ingest.read_landing_file(fs, f) for f in found.new]
@@ -76,12 +76,12 @@ def test_changed_file_is_reported_not_reread(first_drop_ingested):
     frame.head(3).to_parquet(target)
     found, reads = ingest_all(landing, home)
     assert reads == []
-    assert [c["file"] for c in found.changed] == [str(target)]
+    assert [c["file"] for c in found.changed] == [f"events/{target.name}"]
     assert len(ingest.read_events(home)) == before
     # Touching a file without changing its bytes is not a change.
     os.utime(landing / "items" / next((landing / "items").iterdir()).name)
     found, _ = ingest_all(landing, home)
-    assert [c["file"] for c in found.changed] == [str(target)]
+    assert [c["file"] for c in found.changed] == [f"events/{target.name}"]
 
 
 def test_landing_is_never_modified(tmp_path, drops):
@@ -98,7 +98,7 @@ def test_uri_landing_goes_through_the_same_code(tmp_path, drops):
     folder, tags = drops
     landing, home = tmp_path / "landing", Home(tmp_path / "home").ensure()
     copy_drop(folder, tags[0], landing)
-    fs, files = ingest.list_landing(landing.as_uri())
+    fs, files, _ = ingest.list_landing(landing.as_uri())
     assert files and all(f.uri.startswith("file://") for f in files)
     reads = [ingest.read_landing_file(fs, f) for f in files]
     assert all(r.frame is not None for r in reads)
@@ -116,20 +116,103 @@ def test_corrupt_file_is_read_as_an_error_not_an_exception(tmp_path):
     landing = tmp_path / "landing"
     (landing / "events").mkdir(parents=True)
     (landing / "events" / "bad.parquet").write_bytes(b"not parquet at all")
-    fs, files = ingest.list_landing(str(landing))
+    fs, files, _ = ingest.list_landing(str(landing))
     read = ingest.read_landing_file(fs, files[0])
     assert read.frame is None and "Parquet" in read.error
     assert read.checksum == ingest.sha256(b"not parquet at all")
 
 
-def test_only_one_nightly_run_per_home(tmp_path):
-    from llmrec.config import Home
-    from llmrec.lock import exclusive
+def test_the_same_landing_by_another_path_or_uri_is_recognised(tmp_path, drops):
+    folder, tags = drops
+    landing, home = tmp_path / "landing", Home(tmp_path / "home").ensure()
+    copy_drop(folder, tags[0], landing)
+    ingest_all(landing, home)
+    before = len(ingest.read_events(home))
+    mount = tmp_path / "another-mount"
+    mount.symlink_to(landing, target_is_directory=True)
+    for other in (str(mount), landing.as_uri(), mount.as_uri(), f"{landing}/"):
+        found, reads = ingest_all(other, home)
+        assert found.new == [] and found.already_ingested == len(ingest.read_manifest(home)), other
+    assert len(ingest.read_events(home)) == before
+    assert set(ingest.read_manifest(home)["file"]) == {
+        f"{kind}/{p.name}" for kind in ("events", "items", "users") for p in (landing / kind).iterdir()}
 
-    home = Home(tmp_path / "home")
-    with exclusive(home):
-        with pytest.raises(LlmrecError, match="another nightly run"):
-            with exclusive(home):
-                pass
-    with exclusive(home):  # released after the first run ends
-        pass
+
+def test_a_manifest_of_absolute_paths_is_read_as_relative_names(tmp_path, drops):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder, tags = drops
+    landing, home = tmp_path / "landing", Home(tmp_path / "home").ensure()
+    copy_drop(folder, tags[0], landing)
+    ingest_all(landing, home)
+    old = pq.read_table(home.manifest).drop_columns(["source", "entry", "duplicates"]).to_pandas()
+    old["file"] = [str(landing / name) for name in old["file"]]
+    pq.write_table(pa.Table.from_pandas(old, preserve_index=False), home.manifest)
+    found, _ = ingest_all(landing.as_uri(), home)
+    assert found.new == [] and found.already_ingested == len(old)
+
+
+def test_dot_and_underscore_names_are_ignored_and_reported(tmp_path, drops):
+    folder, tags = drops
+    landing, home = tmp_path / "landing", Home(tmp_path / "home").ensure()
+    copy_drop(folder, tags[0], landing)
+    (landing / "events" / ".day-2.parquet.inprogress").write_bytes(b"half written")
+    (landing / "events" / "_SUCCESS").write_bytes(b"")
+    result = ingest.ingest(str(landing), home)
+    assert result.ignored == ["events/.day-2.parquet.inprogress", "events/_SUCCESS"]
+    assert all(not r.file.name.split("/")[1].startswith((".", "_")) for r in result.reads)
+    assert result.summary()["ignored"] == result.ignored
+
+
+def test_every_entry_is_listed_folders_and_fifos_included(tmp_path, drops):
+    folder, tags = drops
+    landing = tmp_path / "landing"
+    copy_drop(folder, tags[0], landing)
+    spark = landing / "events" / "day.parquet"
+    (spark / "date=1").mkdir(parents=True)
+    frame = pd.read_parquet(next((landing / "events").glob("events-*.parquet")))
+    frame.iloc[:5].to_parquet(spark / "part-0000.parquet", index=False)
+    frame.iloc[5:9].to_parquet(spark / "date=1" / "part-0001.parquet", index=False)
+    (spark / "_SUCCESS").write_bytes(b"")
+    (landing / "events" / "empty-folder").mkdir()
+    os.mkfifo(landing / "events" / "a-fifo")
+    (landing / "events" / "notes.csv").write_text("a,b\n")
+    fs, files, _ = ingest.list_landing(str(landing))
+    by_name = {f.name: f for f in files}
+    assert by_name["events/day.parquet"].entry == "folder"
+    assert by_name["events/a-fifo"].entry == "other"
+    reads = {f.name: ingest.read_landing_file(fs, f) for f in files}
+    assert reads["events/day.parquet"].rows == 9 and reads["events/day.parquet"].error is None
+    assert sorted(reads["events/day.parquet"].contents) == ["day.parquet/date=1/part-0001.parquet",
+                                                            "day.parquet/part-0000.parquet"]
+    assert "not a regular file" in reads["events/a-fifo"].error
+    assert "no data files" in reads["events/empty-folder"].error
+    assert "Parquet" in reads["events/notes.csv"].error
+
+
+def test_an_unreadable_file_is_an_outcome_not_a_crash(tmp_path, drops):
+    folder, tags = drops
+    landing = tmp_path / "landing"
+    copy_drop(folder, tags[0], landing)
+    target = next((landing / "events").glob("*.parquet"))
+    fs, files, _ = ingest.list_landing(str(landing))
+    target.unlink()  # gone between listing and reading, as on a flaky mount
+    read = ingest.read_landing_file(fs, next(f for f in files if f.name == f"events/{target.name}"))
+    assert read.frame is None and "cannot read" in read.error and read.checksum == ""
+
+
+def test_credentials_never_reach_a_recorded_uri():
+    assert ingest.redact("s3://AKIA:secret@bucket/landing?secret_key=abc&region=x") == "s3://bucket/landing"
+    assert ingest.redact("/plain/path") == "/plain/path"
+
+
+def test_bounded_names_fit_and_stay_distinct():
+    from llmrec.files import bounded_name
+
+    short = "part-a.parquet"
+    assert bounded_name(short) == short
+    one, two = bounded_name("x" * 300 + "1.parquet"), bounded_name("x" * 300 + "2.parquet")
+    assert one != two and one.endswith(".parquet") and len(one.encode()) == 255
+    multibyte = bounded_name("é" * 200 + ".parquet")
+    assert len(multibyte.encode()) <= 255 and multibyte.endswith(".parquet")

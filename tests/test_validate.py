@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from llmrec.ingest import sha256
 from llmrec.validate import TIMEZONE_CHECK, FileValidation, Validator, quarantine, report_markdown
 
 NOW = pd.Timestamp("2024-06-01", tz="UTC")
@@ -175,7 +176,7 @@ def test_a_second_validator_reuses_the_same_gx_folder(validator):
 def test_quarantine_keeps_bytes_result_and_docs_once(validator, tmp_path):
     result = validator.validate(set_cell("rating", 7.0)(events()), "events", "s3://bucket/events/part-1.parquet")
     raw = b"PAR1\x00not really parquet\xff"
-    target = quarantine(result, raw, tmp_path / "quarantine")
+    target = quarantine(result, {"part-1.parquet": raw}, tmp_path / "quarantine", sha256(raw))
     assert target.parent == tmp_path / "quarantine" and target.name.startswith("part-1.parquet-")
     assert sorted(p.name for p in target.iterdir()) == ["data_docs.html", "part-1.parquet", "validation.json"]
     assert (target / "part-1.parquet").read_bytes() == raw
@@ -183,18 +184,18 @@ def test_quarantine_keeps_bytes_result_and_docs_once(validator, tmp_path):
     assert (target / "data_docs.html").read_bytes() == open(result.data_docs, "rb").read()
 
     (target / "validation.json").write_text("kept")
-    assert quarantine(result, raw, tmp_path / "quarantine") == target
+    assert quarantine(result, {"part-1.parquet": raw}, tmp_path / "quarantine", sha256(raw)) == target
     assert (target / "validation.json").read_text() == "kept"
     assert [p.name for p in (tmp_path / "quarantine").iterdir()] == [target.name]
 
-    other = quarantine(result, raw + b"!", tmp_path / "quarantine")
+    other = quarantine(result, {"part-1.parquet": raw + b"!"}, tmp_path / "quarantine", sha256(raw + b"!"))
     assert other != target and len(list((tmp_path / "quarantine").iterdir())) == 2
 
 
 def test_unreadable_files_are_quarantined_with_a_page(validator, tmp_path):
     result = validator.unreadable("landing/users/u.parquet", "users", "Parquet magic bytes not found <PAR1>")
     assert (result.success, result.rows, result.failures) == (False, 0, [])
-    target = quarantine(result, b"garbage", tmp_path)
+    target = quarantine(result, {"u.parquet": b"garbage"}, tmp_path, sha256(b"garbage"))
     page = (target / "data_docs.html").read_text()
     assert "Parquet magic bytes not found &lt;PAR1&gt;" in page and "landing/users/u.parquet" in page
     assert json.loads((target / "validation.json").read_text())["read_error"].startswith("Parquet magic")
@@ -214,3 +215,23 @@ def test_report_names_file_column_count_and_example(validator):
     assert "not a parquet file" in report.split("### landing/items/x.parquet")[1]
     assert "### landing/events/ok.parquet" not in report
     assert bad.summary() == "landing/events/bad.parquet: rating: rating between 1.0 and 5.0; 1 unexpected, e.g. 7.0"
+
+
+@pytest.mark.parametrize("kind, column", [("events", "user_id"), ("events", "item_id"), ("items", "item_id"),
+                                          ("users", "user_id")])
+@pytest.mark.parametrize("blank", ["", "   ", "\t"])
+def test_blank_ids_are_invalid(validator, kind, column, blank):
+    frames = {"events": events(), "items": pd.DataFrame({"item_id": ["i1", "i2"], "title": ["a", "b"]}),
+              "users": pd.DataFrame({"user_id": ["u1", "u2"]})}
+    frame = set_cell(column, blank)(frames[kind])
+    failure = only_failure(validator.validate(frame, kind, f"{kind}.parquet"))
+    assert (failure.column, failure.rule, failure.unexpected_count) == (column, f"{column} not blank", 1)
+
+
+def test_quarantine_of_a_255_byte_name_is_shortened_with_a_hash(validator, tmp_path):
+    name = "e" * 247 + ".parquet"
+    result = validator.validate(set_cell("rating", 7.0)(events()), "events", f"landing/events/{name}")
+    target = quarantine(result, {name: b"x"}, tmp_path, sha256(b"x"))
+    assert len(target.name.encode()) <= 255 and (target / name).read_bytes() == b"x"
+    other = quarantine(result, {name: b"y"}, tmp_path, sha256(b"y"))
+    assert other != target
