@@ -7,8 +7,12 @@ Aliases: `champion` is served and resumed from, `previous` is the champion it di
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -25,11 +29,21 @@ from llmrec import model as llmrec_model
 from llmrec.config import Home, NightlyConfig
 from llmrec.encoder import Encoder
 from llmrec.errors import LlmrecError
+from llmrec.files import replace_atomically
 from llmrec.gate import Decision, check_metrics, check_rows, decide, hold_for_drift
+from llmrec.ingest import redact
 from llmrec.monitor import DriftRecord, drift_hold
 from llmrec.report import comparison_markdown, comparison_png, render_table, trend_png
 
+log = logging.getLogger(__name__)
+
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
+DECISION, PROMOTED, REJECTED, ABANDONED = "decision", "promoted", "rejected", "abandoned"
+# The nightly run (flow run name) a tracking run or version belongs to: a retried
+# register-and-gate finds its own run and version by it instead of creating new ones.
+NIGHT_TAG = "llmrec.night"
+# Newest ingest sequence in the data a version was trained and judged on.
+WATERMARK_TAG = "ingest_watermark"
 # Error codes MLflow uses for "no such registered model / alias / version".
 _ABSENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"}
 
@@ -120,15 +134,72 @@ def download_checkpoint(info: ModelVersionInfo, dest: Path) -> Path:
     return Path(local)
 
 
+CHECKPOINT_FILES_TAG = "checkpoint_files"
+# Files every llmrec checkpoint has; checked when a version recorded no checksums.
+REQUIRED_FILES = ("state.json", "model.safetensors", "optimizer.safetensors")
+
+
+def file_digests(folder: Path) -> dict[str, list]:
+    """[size, sha256] of every file under `folder`, by path relative to it."""
+    digests = {}
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        sha = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                sha.update(block)
+        digests[path.relative_to(folder).as_posix()] = [path.stat().st_size, sha.hexdigest()]
+    return digests
+
+
+def checkpoint_problem(folder: Path | None, expected: dict | None) -> str | None:
+    """Why the local copy `folder` cannot be trusted (None when it can): a file recorded at
+    registration missing, or of another size or checksum; without a record, a missing
+    required file."""
+    if folder is None or not folder.is_dir():
+        return "no local copy"
+    if expected is None:
+        missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+        return f"missing {', '.join(missing)}" if missing else None
+    found = file_digests(folder)
+    for name, (size, sha) in expected.items():
+        if name not in found:
+            return f"{name} missing"
+        if found[name][0] != size:
+            return f"{name} has {found[name][0]} bytes, {size} recorded"
+        if found[name][1] != sha:
+            return f"{name} checksum differs from the one recorded"
+    return None
+
+
 def load_champion(home: Home, name: str, encoder: Encoder) -> llmrec_model.Champion:
-    """The version aliased `champion` and its checkpoint, downloaded once per version into
-    `home/runs/champion-vN` and loaded once; no champion before the first model."""
+    """The version aliased `champion` and its checkpoint, downloaded once per version as
+    `home/runs/champion-vN` and loaded once; no champion before the first model. The local
+    copy is checked against the sizes and checksums recorded at registration before use;
+    a partial or damaged copy is downloaded again (into a temp folder, renamed into place)."""
     info = get_alias(name, CHAMPION)
     if info is None:
         return llmrec_model.Champion()
-    target = home.runs / f"champion-v{info.version}"
-    cached = next(target.rglob("state.json"), None) if target.exists() else None
-    local = cached.parent if cached is not None else download_checkpoint(info, target)
+    recorded = info.tags.get(CHECKPOINT_FILES_TAG)
+    expected = json.loads(recorded) if recorded else None
+    local = home.runs / f"champion-v{info.version}"
+    problem = checkpoint_problem(local, expected)
+    if problem is not None:
+        if problem != "no local copy":
+            log.warning("local copy of %s v%s in %s cannot be trusted (%s); downloading it again",
+                        name, info.version, local, problem)
+
+        def download(temp: Path) -> None:
+            staging = temp.with_name(temp.name + ".download")
+            try:
+                download_checkpoint(info, staging).rename(temp)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+        replace_atomically(local, download)
+        problem = checkpoint_problem(local, expected)
+        if problem is not None:
+            raise LlmrecError(f"registered model {name} v{info.version}: the checkpoint in the registry does not "
+                              f"match what was recorded at registration ({problem}); roll back to another version")
     return llmrec_model.Champion(version=info.version, checkpoint=llmrec_model.load(local, encoder))
 
 
@@ -141,6 +212,7 @@ def log_model_version(
     pip_requirements: list[str],
     code_paths: list[str] | None = None,
     signature=None,
+    tags: dict[str, str] | None = None,
 ) -> str:
     """Log `checkpoint_dir` as a models-from-code pyfunc (`python_model` is the path of the .py
     file that calls `mlflow.models.set_model`) in the active run, register it as a new version
@@ -164,19 +236,20 @@ def log_model_version(
         if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
     return str(client.create_model_version(name, source=info.model_uri, run_id=mlflow.active_run().info.run_id,
-                                           model_id=info.model_id).version)
+                                           model_id=info.model_id, tags=tags).version)
 
 
 def apply_decision(name: str, version: str, decision: Decision, description: str) -> None:
-    """Record the gate's decision on the version (tags, description) and move the aliases:
-    promoted -> `champion` (the displaced champion becomes `previous`), else `challenger`."""
+    """Record the gate's decision on the version (description, tags) and move the aliases:
+    promoted -> `champion` (the displaced champion becomes `previous`), else `challenger`.
+    The `decision` tag is written last: a version without it was interrupted before the
+    decision was complete (see `settle_undecided`). Safe to repeat."""
     client = MlflowClient()
-    client.set_model_version_tag(name, version, "decision", "promoted" if decision.promote else "rejected")
+    client.update_model_version(name, version, description=description)
     for check in decision.failed():
         client.set_model_version_tag(name, version, f"failed.{check.part}.{check.metric}", check.outcome())
     if decision.drift_hold:
         client.set_model_version_tag(name, version, "drift_hold", decision.drift_hold)
-    client.update_model_version(name, version, description=description)
     if decision.promote:
         current = get_alias(name, CHAMPION)
         if current is not None and current.version != str(version):
@@ -185,6 +258,7 @@ def apply_decision(name: str, version: str, decision: Decision, description: str
         mark_champion(name, version, "promotion", decision.reason.split("\n", 1)[0])
     else:
         client.set_registered_model_alias(name, CHALLENGER, version)
+    client.set_model_version_tag(name, version, DECISION, PROMOTED if decision.promote else REJECTED)
 
 
 def _cell(value: object, column: str = "") -> str:
@@ -290,6 +364,68 @@ def champion_history(name: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=CHAMPION_HISTORY_COLUMNS)
 
 
+def end_running_runs() -> list[str]:
+    """End as FAILED the runs of the active experiment still RUNNING: with the home's lock
+    held, no night is running, so they were left by one that was killed."""
+    client = MlflowClient()
+    runs = mlflow.search_runs(filter_string="attributes.status = 'RUNNING'", output_format="list")
+    for run in runs:
+        client.set_terminated(run.info.run_id, "FAILED")
+    return [run.info.run_id for run in runs]
+
+
+def _versions(name: str) -> list:
+    try:
+        return MlflowClient().search_model_versions(f"name = '{name}'")
+    except MlflowException as exc:
+        if exc.error_code in _ABSENT:
+            return []
+        raise
+
+
+def settle_undecided(name: str) -> list[dict]:
+    """Give every version without a `decision` tag one. `apply_decision` writes the
+    description, then the aliases, then the tag, so a version already holding `champion`
+    or `challenger` was decided and only its tag is completed; any other was registered by
+    a night interrupted before its gate and is tagged `abandoned` with a description saying
+    why (its rows are trained again by the next night, as no decided version has seen them)."""
+    client = MlflowClient()
+    undecided = [mv for mv in _versions(name) if DECISION not in (mv.tags or {})]
+    if not undecided:
+        return []
+    aliases = {str(v): alias for alias, v in client.get_registered_model(name).aliases.items()
+               if alias in (CHAMPION, CHALLENGER)}
+    settled = []
+    for mv in sorted(undecided, key=lambda mv: int(mv.version)):
+        version, night = str(mv.version), (mv.tags or {}).get(NIGHT_TAG, "an earlier night")
+        alias = aliases.get(version)
+        if alias is not None:
+            outcome = PROMOTED if alias == CHAMPION else REJECTED
+        else:
+            outcome = ABANDONED
+            client.update_model_version(name, version, description=(
+                f"Abandoned: nightly run {night} was interrupted after registering this version and before "
+                "its gate decided. No alias was given; the rows it was trained on are trained and judged "
+                "again by the next night."))
+        client.set_model_version_tag(name, version, DECISION, outcome)
+        settled.append({"version": version, "night": night, "decision": outcome})
+    return settled
+
+
+def decided_watermark(name: str) -> int:
+    """The newest ingest sequence any promoted or rejected version was trained and judged
+    on (0 when none): curated rows above it have not been through a gate yet."""
+    client, newest = MlflowClient(), 0
+    for mv in _versions(name):
+        tags = mv.tags or {}
+        if tags.get(DECISION) not in (PROMOTED, REJECTED):
+            continue
+        # Versions registered before the watermark tag existed: their run's ingest_seq.
+        mark = tags.get(WATERMARK_TAG) or (client.get_run(mv.run_id).data.tags.get("ingest_seq") if mv.run_id else None)
+        newest = max(newest, int(mark or 0))
+    return newest
+
+
 HISTORY_COLUMNS = ["version", "aliases", "decision", "created", "description"]
 
 
@@ -343,7 +479,7 @@ def new_run_name() -> str:
 
 
 def flat_params(config: NightlyConfig) -> dict[str, object]:
-    out = {"landing": config.landing, "fail_on_invalid": config.fail_on_invalid}
+    out = {"landing": redact(config.landing), "fail_on_invalid": config.fail_on_invalid}
     for section in ("model", "training", "evaluation", "gate", "monitor"):
         for key, value in getattr(config, section).model_dump().items():
             out[f"{section}.{key}"] = value if not isinstance(value, list) else ",".join(map(str, value))
@@ -380,11 +516,30 @@ def needs_approval(config: NightlyConfig, drift: DriftRecord | None) -> bool:
     return config.gate.require_approval or (drifting and config.monitor.on_drift == "approve")
 
 
+def find_night_run(run_name: str):
+    """The tracking run of nightly run `run_name` in the active experiment, or None."""
+    runs = mlflow.search_runs(filter_string=f"tags.`{NIGHT_TAG}` = '{run_name}'", output_format="list")
+    return runs[0] if runs else None
+
+
+def find_run_version(name: str, run_id: str) -> str | None:
+    """The version of `name` registered from tracking run `run_id`, or None."""
+    try:
+        found = MlflowClient().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException as exc:
+        if exc.error_code in _ABSENT:
+            return None
+        raise
+    return str(min(int(mv.version) for mv in found)) if found else None
+
+
 def register_and_gate(config: NightlyConfig, run_name: str, window, curated, trained, metrics: dict,
                       champion_version: str | None, drift: DriftRecord | None = None) -> Registered:
     """Log the run to MLflow (with tonight's drift record), register the challenger as a new
     version and apply the promotion gate to it; a drifting night holds the challenger back.
-    When an approval is needed the version waits as `challenger`, the gate's verdict as advice."""
+    When an approval is needed the version waits as `challenger`, the gate's verdict as advice.
+    Safe to retry: a repeat for the same `run_name` continues the tracking run and the
+    version the first attempt created, never a second of either."""
     decision = decide(metrics["challenger"], metrics["champion"], metrics["global_mean"], config.gate,
                       metrics.get("samples"))
     if needs_approval(config, drift):
@@ -395,31 +550,24 @@ def register_and_gate(config: NightlyConfig, run_name: str, window, curated, tra
                            reason=f"Awaiting approval in the Prefect UI. Gate's advice: {advice}")
     else:
         decision = hold_for_drift(decision, drift_hold(drift, config.monitor))
-    with mlflow.start_run(run_name=run_name) as run:
-        if drift is not None:
-            mlflow.log_metrics(drift.metrics())
-            mlflow.log_text(drift.json, "drift/drift.json")
-            mlflow.log_text(drift.html, "drift/drift.html")
-        mlflow.log_params(flat_params(config))
-        for epoch, loss in enumerate(trained.result.epoch_losses):
-            mlflow.log_metric("train_loss", loss, step=epoch)
-        mlflow.log_metrics(flat_metrics(metrics) | check_metrics(decision))
-        mlflow.log_metrics({"train_ratings_per_second": trained.result.ratings_per_second,
-                            "global_step": trained.global_step})
-        mlflow.log_dict(curated.validation, "validation/results.json")
-        mlflow.log_text(curated.validation_markdown, "validation/report.md")
-        mlflow.log_dict(window.summary(), "window.json")
-        mlflow.log_dict(decision.to_dict(), "decision.json")
-        log_comparison(decision, metrics.get("segments", []), champion_version)
-        mlflow.set_tags({"resumed_from": trained.resumed_from or "pretrained", "ingest_seq": curated.ingest_seq,
-                         "decision": "promoted" if decision.promote else "rejected"})
-        example = window.held_out.head(5) if len(window.held_out) else window.train.head(5)
-        input_example = example[["user_id", "item_id"]].reset_index(drop=True)
-        output_example = pd.DataFrame({"prediction": trained.scorer.predict(input_example["user_id"], input_example["item_id"])})
-        version = log_model_version(config.registered_model, trained.checkpoint_dir, str(PYFUNC_MODEL),
-                                    input_example, output_example, PIP_REQUIREMENTS,
-                                    code_paths=[str(PYFUNC_MODEL.parent)],
-                                    signature=recommender_signature(input_example, output_example))
+    existing = find_night_run(run_name)
+    opened = (mlflow.start_run(run_id=existing.info.run_id) if existing is not None
+              else mlflow.start_run(run_name=run_name, tags={NIGHT_TAG: run_name}))
+    with opened as run:
+        if existing is None or LOGGED_TAG not in existing.data.tags:
+            log_night(config, window, curated, trained, metrics, decision, drift, champion_version)
+        version = find_run_version(config.registered_model, run.info.run_id)
+        if version is None:
+            example = window.held_out.head(5) if len(window.held_out) else window.train.head(5)
+            input_example = example[["user_id", "item_id"]].reset_index(drop=True)
+            output_example = pd.DataFrame(
+                {"prediction": trained.scorer.predict(input_example["user_id"], input_example["item_id"])})
+            tags = {NIGHT_TAG: run_name, WATERMARK_TAG: str(window.watermark),
+                    CHECKPOINT_FILES_TAG: json.dumps(file_digests(trained.checkpoint_dir), separators=(",", ":"))}
+            version = log_model_version(config.registered_model, trained.checkpoint_dir, str(PYFUNC_MODEL),
+                                        input_example, output_example, PIP_REQUIREMENTS,
+                                        code_paths=[str(PYFUNC_MODEL.parent)], tags=tags,
+                                        signature=recommender_signature(input_example, output_example))
     summary = window.summary() | {"global_step": trained.global_step, "resumed_from": trained.resumed_from}
     description = describe_version(summary, metrics["challenger"], metrics["champion"], champion_version, decision)
     apply_decision(config.registered_model, version, decision, description)
@@ -502,6 +650,32 @@ def apply_approval(name: str, registered: Registered, approve: bool | None, revi
         client.set_registered_model_alias(name, CHAMPION, registered.version)
         mark_champion(name, registered.version, "approval", f"approved{who}" + (f": {comment}" if comment else ""))
     return replace(registered, decision=decision, description=description)
+
+
+# Set on a tracking run once its parameters, metrics and artifacts are all logged.
+LOGGED_TAG = "llmrec.logged"
+
+
+def log_night(config: NightlyConfig, window, curated, trained, metrics: dict, decision: Decision,
+              drift: DriftRecord | None, champion_version: str | None) -> None:
+    """Parameters, metrics and artifacts of the night (drift record included), into the active run."""
+    if drift is not None:
+        mlflow.log_metrics(drift.metrics())
+        mlflow.log_text(drift.json, "drift/drift.json")
+        mlflow.log_text(drift.html, "drift/drift.html")
+    mlflow.log_params(flat_params(config))
+    for epoch, loss in enumerate(trained.result.epoch_losses):
+        mlflow.log_metric("train_loss", loss, step=epoch)
+    mlflow.log_metrics(flat_metrics(metrics) | check_metrics(decision))
+    mlflow.log_metrics({"train_ratings_per_second": trained.result.ratings_per_second,
+                        "global_step": trained.global_step})
+    mlflow.log_dict(curated.validation, "validation/results.json")
+    mlflow.log_text(curated.validation_markdown, "validation/report.md")
+    mlflow.log_dict(window.summary(), "window.json")
+    mlflow.log_dict(decision.to_dict(), "decision.json")
+    log_comparison(decision, metrics.get("segments", []), champion_version)
+    mlflow.set_tags({"resumed_from": trained.resumed_from or "pretrained", "ingest_seq": curated.ingest_seq,
+                     DECISION: PROMOTED if decision.promote else REJECTED, LOGGED_TAG: "true"})
 
 
 def log_report(run_id: str, report: str) -> None:

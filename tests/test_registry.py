@@ -276,3 +276,71 @@ def test_compare_versions_prints_metrics_and_the_stored_paired_comparison(home):
         "comparison/comparison.json", "comparison/comparison.md", "comparison/comparison.png"}
     with pytest.raises(LlmrecError, match="no version '7'"):
         compare_versions(NAME, "1", "7")
+
+
+def test_champion_copy_is_verified_and_a_partial_one_fetched_again(home, tiny_encoder):
+    from llmrec import model as llmrec_model
+    from llmrec.config import ModelConfig
+    from llmrec.registry import CHECKPOINT_FILES_TAG, file_digests, load_champion
+
+    checkpoint = llmrec_model.save(llmrec_model.new_checkpoint(tiny_encoder, ModelConfig(dim=4), seed=0),
+                                   home.root / "night" / "checkpoint")
+    (checkpoint / "value.json").write_text(json.dumps({"value": 1.0}))
+    code = home.root / "model_code.py"
+    code.write_text(MODEL_CODE)
+    with mlflow.start_run():
+        version = log_model_version(NAME, checkpoint, str(code), INPUT, pd.DataFrame({"score": [1.0, 1.0]}),
+                                    ["pandas"], tags={CHECKPOINT_FILES_TAG: json.dumps(file_digests(checkpoint))})
+    apply_decision(NAME, version, decide(metrics(0.9), None, GLOBAL_MEAN, GateConfig()), "first")
+    assert load_champion(home, NAME, tiny_encoder).version == version
+    local = home.runs / f"champion-v{version}"
+    weights = local / "model.safetensors"
+    size = weights.stat().st_size
+    # Cut off mid-download: the next load fetches it again instead of crashing on it.
+    with open(weights, "r+b") as handle:
+        handle.truncate(size // 2)
+    assert load_champion(home, NAME, tiny_encoder).checkpoint is not None
+    assert weights.stat().st_size == size
+    (local / "optimizer.safetensors").unlink()
+    load_champion(home, NAME, tiny_encoder)
+    assert (local / "optimizer.safetensors").is_file()
+    # Same size, other bytes: caught by the checksum.
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    load_champion(home, NAME, tiny_encoder)
+    assert file_digests(local) == file_digests(checkpoint)
+    # A damaged registry copy is refused, not trusted.
+    stored = next(home.mlflow_artifacts.rglob("model.safetensors"))
+    stored.write_bytes(b"damaged")
+    weights.write_bytes(b"damaged")
+    with pytest.raises(LlmrecError, match="does not match what was recorded"):
+        load_champion(home, NAME, tiny_encoder)
+
+
+def test_interrupted_nights_leave_no_undecided_version_and_no_running_run(home):
+    from mlflow import MlflowClient
+
+    from llmrec.registry import WATERMARK_TAG, decided_watermark, end_running_runs, settle_undecided
+
+    client = MlflowClient()
+    v1 = log_version(home, 1.0)
+    gate_and_apply(v1, 0.9)
+    client.set_model_version_tag(NAME, v1, WATERMARK_TAG, "5")
+    v2 = log_version(home, 2.0)  # killed after the version was created
+    client.set_model_version_tag(NAME, v2, WATERMARK_TAG, "9")
+    v3 = log_version(home, 3.0)  # killed after its alias moved, before its decision tag
+    client.set_registered_model_alias(NAME, "challenger", v3)
+    left_running = client.create_run(mlflow.get_experiment_by_name("test").experiment_id).info.run_id
+    assert decided_watermark(NAME) == 5
+    settled = settle_undecided(NAME)
+    assert [(s["version"], s["decision"]) for s in settled] == [(v2, "abandoned"), (v3, "rejected")]
+    abandoned = client.get_model_version(NAME, v2)
+    assert abandoned.tags["decision"] == "abandoned" and abandoned.description.startswith("Abandoned")
+    assert not abandoned.aliases
+    assert settle_undecided(NAME) == []
+    assert decided_watermark(NAME) == 5  # an abandoned version has not been judged
+    assert end_running_runs() == [left_running]
+    assert client.get_run(left_running).info.status == "FAILED"
+    assert end_running_runs() == []
+    assert set(version_history(NAME)["decision"]) == {"promoted", "abandoned", "rejected"}
