@@ -1,6 +1,6 @@
 """The `nightly-retrain` flow:
 
-    ingest -> validate and curate -> load encoder, champion, curated data (once)
+    recover -> ingest -> validate and curate -> load encoder, champion, curated data (once)
         -> window -> fine-tune -> evaluate -> register + gate -> report
 
 The flow loads the heavy things once and hands them to the stages as values.
@@ -43,7 +43,7 @@ def nightly_retrain(config: NightlyConfig = NightlyConfig()) -> dict:
     run_name = registry.new_run_name()
     try:
         home = Home(config.home).ensure()
-        with exclusive(home):
+        with exclusive(home, config.lock_wait):
             return run_night(config, home, run_name)
     except Exception as error:
         # The one alert of a failed night (automations on this event, not on the Failed state).
@@ -89,17 +89,24 @@ def await_approval(config: NightlyConfig, run_name: str, registered: registry.Re
 
 def run_night(config: NightlyConfig, home: Home, run_name: str) -> dict:
     registry.configure(home, config.experiment)
+    recovered = t.recover(home, config.registered_model)
+    progress.info("%s recover: %d file(s) set aside, %d run(s) ended as failed, %d version(s) settled, "
+                  "%d curated rows not yet judged", run_name, len(recovered.set_aside), len(recovered.runs_failed),
+                  len(recovered.versions_settled), recovered.untrained_rows)
     batch = t.ingest(config.landing, home)
-    progress.info("%s ingest: %d new file(s), %d already ingested", run_name, len(batch.reads), batch.already_ingested)
+    progress.info("%s ingest: %d new file(s), %d already ingested, %d ignored", run_name, len(batch.reads),
+                  batch.already_ingested, len(batch.ignored))
     curated = t.validate_and_curate(home, batch, config.fail_on_invalid)
-    progress.info("%s validate: %d event rows curated, %d quarantined (%d file(s))", run_name, curated.rows_curated,
-                  curated.rows_quarantined, len(curated.files_quarantined))
+    progress.info("%s validate: %d event rows curated, %d quarantined (%d file(s)), %d duplicates dropped", run_name,
+                  curated.rows_curated, curated.rows_quarantined, len(curated.files_quarantined),
+                  curated.rows_duplicate)
     if curated.files_quarantined:
         files = [f["file"] for f in curated.files_quarantined]
         alert("llmrec.data.quarantined", run_name, f"{len(files)} file(s) failed validation: {', '.join(files)}",
               files=files)
-    if curated.rows_curated == 0:
-        return finish(run_name, batch, curated, note="No new rows tonight: nothing trained, nothing registered.")
+    if curated.rows_curated == 0 and recovered.untrained_rows == 0:
+        return finish(run_name, recovered, batch, curated,
+                      note="No new rows tonight: nothing trained, nothing registered.")
     text_encoder = t.load_encoder(config.model.encoder)
     champion = t.load_champion(home, config.registered_model, text_encoder)
     texts, history, events = t.read_curated(home)
@@ -116,7 +123,7 @@ def run_night(config: NightlyConfig, home: Home, run_name: str) -> dict:
     progress.info("%s window: %d train rows (%d replayed), %d held out, %d anchor", run_name, len(window.train),
                   window.replay_rows, len(window.held_out), len(window.anchor))
     if window.train.empty:
-        return finish(run_name, batch, curated, window=window,
+        return finish(run_name, recovered, batch, curated, window=window,
                       note="No training rows after holding out the evaluation rows: nothing registered.")
     trained = t.fine_tune(champion, cache, texts, window, config, home, run_name)
     progress.info("%s fine-tune: step %d -> %d, last epoch loss %.4f", run_name, trained.start_step,
@@ -134,13 +141,14 @@ def run_night(config: NightlyConfig, home: Home, run_name: str) -> dict:
     alert("llmrec.night.promoted" if decision.promote else "llmrec.night.rejected", run_name, decision.reason,
           version=registered.version, failed=[f"{c.part}.{c.metric}: {c.outcome()}" for c in decision.failed()])
     trend = t.record_trend(config, home, run_name, registered, metrics, champion.version, window.watermark, drift)
-    return finish(run_name, batch, curated, window, trained, metrics, registered, drift=drift,
+    return finish(run_name, recovered, batch, curated, window, trained, metrics, registered, drift=drift,
                   trend_image=trend.name if trend else None)
 
 
-def finish(run_name, batch, curated, window=None, trained=None, metrics=None, registered=None, note="",
-           drift=None, trend_image=None) -> dict:
-    report = run_report(run_name, batch, curated, window, trained, metrics, registered, note, drift, trend_image)
+def finish(run_name, recovered, batch, curated, window=None, trained=None, metrics=None, registered=None,
+           note="", drift=None, trend_image=None) -> dict:
+    report = run_report(run_name, batch, curated, window, trained, metrics, registered, note, drift, trend_image,
+                        recovered)
     create_markdown_artifact(report, key="nightly-report", description=f"llmrec {run_name}")
     if registered is not None:
         registry.log_report(registered.run_id, report)
@@ -150,6 +158,7 @@ def finish(run_name, batch, curated, window=None, trained=None, metrics=None, re
         "run": run_name,
         "status": "registered" if registered else "skipped",
         "note": note,
+        "recovery": recovered.summary(),
         "ingest": batch.summary(),
         "curate": curated.summary() if curated else None,
         "window": window.summary() if window is not None else None,

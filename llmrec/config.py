@@ -320,6 +320,13 @@ class NightlyConfig(BaseModel):
         "Defaults to $LLMREC_HOME or ./.llmrec.",
     )
     fail_on_invalid: bool = Field(False, description="Stop the run when any landing file fails validation.")
+    lock_wait: float = Field(
+        0.0,
+        ge=0.0,
+        le=86400.0,
+        description="Seconds to wait for another run (or a rollback) on the same home to release "
+        "its lock before giving up; 0 gives up at once.",
+    )
     registered_model: str = Field("llmrec", min_length=1, description="Name of the MLflow registered model.")
     experiment: str = Field("llmrec", min_length=1, description="MLflow experiment of the nightly runs.")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -424,6 +431,10 @@ class Home:
     @property
     def quarantine(self) -> Path:
         return self.root / "quarantine"
+
+    @property
+    def interrupted(self) -> Path:
+        return self.root / "interrupted"
 
     @property
     def anchor(self) -> Path:

@@ -104,7 +104,7 @@ def validate_and_curate(home: Home, batch: ingest.IngestResult, fail_on_invalid:
             + "\n".join(f"{r.file.name}: {res.summary()}" for r, res in failed)
         )
     accepted = drop_duplicates([read for read, result in results if result.success],
-                               ingest.read_events(home, columns=["user_id", "item_id", "timestamp"]))
+                               ingest.read_event_keys(home))
     ingest.curate(home, accepted, quarantined, seq)
     duplicates = sum(r.duplicates for r in accepted)
     if duplicates:

@@ -376,18 +376,25 @@ def set_aside_unrecorded(home: Home) -> list[str]:
     return moved
 
 
-def read_events(home: Home, columns: list[str] | None = None) -> pd.DataFrame:
-    """All curated events (or just `columns` of them), with the ingest sequence number
-    each arrived in."""
+def read_events(home: Home) -> pd.DataFrame:
+    """All curated events, with the ingest sequence number each arrived in."""
     if not home.events.exists():
         frame = empty_events()
         frame["_ingest_seq"] = pd.Series(dtype="int64")
-        return frame if columns is None else frame[columns]
+        return frame
     dataset = ds.dataset(str(home.events), format="parquet", partitioning="hive")
-    columns = columns or [c for c in dataset.schema.names if c != "date"]
+    columns = [c for c in dataset.schema.names if c != "date"]
     frame = dataset.to_table(columns=columns).to_pandas()
-    order = [c for c in ("timestamp", "user_id", "item_id") if c in frame]
-    return frame.sort_values(order, kind="stable").reset_index(drop=True)
+    return frame.sort_values(["timestamp", "user_id", "item_id"], kind="stable").reset_index(drop=True)
+
+
+def read_event_keys(home: Home) -> pd.DataFrame:
+    """(user_id, item_id, timestamp) of every curated event: the duplicate check's input,
+    three columns instead of the whole history."""
+    if not home.events.exists():
+        return empty_events()[["user_id", "item_id", "timestamp"]]
+    dataset = ds.dataset(str(home.events), format="parquet", partitioning="hive")
+    return dataset.to_table(columns=["user_id", "item_id", "timestamp"]).to_pandas()
 
 
 def read_catalog_texts(home: Home) -> CatalogTexts:

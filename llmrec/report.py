@@ -56,16 +56,27 @@ def metrics_rows(metrics: dict) -> list[dict]:
 
 
 def run_report(run_name: str, batch, curated=None, window=None, trained=None, metrics: dict | None = None,
-               registered=None, note: str = "", drift=None, trend_image: str | None = None) -> str:
+               registered=None, note: str = "", drift=None, trend_image: str | None = None,
+               recovered=None) -> str:
     """The markdown a reviewer reads in the Prefect UI and in the MLflow run."""
     lines = [f"# llmrec nightly run `{run_name}`", ""]
     if note:
         lines += [f"**{note}**", ""]
+    if recovered is not None and (recovered.set_aside or recovered.runs_failed or recovered.versions_settled):
+        lines += ["## Recovery of an interrupted night", ""]
+        lines += [f"- set aside (written by an interrupted curate, read again): `{path}`" for path in recovered.set_aside]
+        lines += [f"- MLflow run `{run_id}` was left RUNNING: ended as FAILED" for run_id in recovered.runs_failed]
+        lines += [f"- version {v['version']} (night {v['night']}) had no decision: {v['decision']}"
+                  for v in recovered.versions_settled]
+        lines.append("")
     lines += ["## Ingest", "", f"- new landing files: {len(batch.reads)}; already ingested: {batch.already_ingested}"]
     for change in batch.changed:
         lines.append(f"- changed after ingestion (not re-read): `{change['file']}`")
+    for name in batch.ignored:
+        lines.append(f"- ignored (name starts with `.` or `_`): `{name}`")
     if curated is not None:
-        lines += [f"- event rows in: {curated.rows_in} = curated {curated.rows_curated} + quarantined {curated.rows_quarantined}",
+        lines += [f"- event rows in: {curated.rows_in} = curated {curated.rows_curated} + quarantined "
+                  f"{curated.rows_quarantined} + duplicates dropped {curated.rows_duplicate}",
                   "", "## Validation", "", curated.validation_markdown or "(no files)", ""]
     if window is not None:
         lines += ["## Window", ""] + [f"- {k}: {v}" for k, v in window.summary().items()] + [""]

@@ -13,12 +13,34 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
-from llmrec import curate, encoder, evaluate as evaluation, ingest as ingestion, monitor, registry, train, window as windows
+from llmrec import curate, encoder, evaluate as evaluation, ingest as ingestion, monitor, recovery, registry, train
+from llmrec import window as windows
 from llmrec.config import Home, NightlyConfig
+from llmrec.errors import LlmrecError
 from llmrec.history import History
 
-IO_RETRIES = dict(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
+
+
+def not_a_user_error(task, task_run, state) -> bool:
+    """Retry storage and registry hiccups, never a user's mistake (a held lock, an
+    unreachable URI, a bad file): it fails the same way every time."""
+    try:
+        state.result()
+    except LlmrecError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+IO_RETRIES = dict(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
+                  retry_condition_fn=not_a_user_error)
 IN_MEMORY = dict(cache_policy=NO_CACHE, persist_result=False)
+
+
+@task(name="recover", **IO_RETRIES, **IN_MEMORY)
+def recover(home: Home, registered_model: str) -> recovery.Recovery:
+    return recovery.recover(home, registered_model)
 
 
 @task(name="ingest", **IO_RETRIES, **IN_MEMORY)

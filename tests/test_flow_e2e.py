@@ -156,7 +156,7 @@ def test_changed_landing_file_is_reported(prefect_server, world):
     frame = pd.read_parquet(target)
     frame.head(5).to_parquet(target, index=False)
     summary = run_night(world, [])
-    assert [c["file"] for c in summary["ingest"]["changed_after_ingestion"]] == [str(target)]
+    assert [c["file"] for c in summary["ingest"]["changed_after_ingestion"]] == [f"events/{target.name}"]
     assert summary["status"] == "skipped"
 
 
@@ -205,3 +205,56 @@ def test_a_night_loads_encoder_champion_and_curated_data_once(prefect_server, wo
     run_id = MlflowClient().get_model_version(world["config"].registered_model, night["version"]).run_id
     report = mlflow.artifacts.load_text(f"runs:/{run_id}/report.md")
     assert "## Decision" in report and f"version **{night['version']}**" in report
+
+
+def test_a_failure_between_registration_and_decision_is_retried_into_one_version(prefect_server, world, monkeypatch):
+    config = world["config"]
+    real_apply, calls = registry.apply_decision, []
+
+    def fail_once(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 1:
+            raise ConnectionError("registry went away after the version was created")
+        return real_apply(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "apply_decision", fail_once)
+    before = len(versions(config))
+    # New rows: the last drop's ratings one second later (the drops are used up).
+    landing = world["root"] / "landing" / "events"
+    later = pd.read_parquet(landing / f"events-{world['tags'][6]}.parquet")
+    later["timestamp"] += pd.Timedelta(seconds=1)
+    later.to_parquet(landing / "later.parquet", index=False)
+    summary = run_night(world, [])
+    assert summary["status"] == "registered" and calls == [summary["version"]] * 2
+    history = versions(config)
+    assert len(history) == before + 1 and history["decision"].iloc[-1] in ("promoted", "rejected")
+    runs = mlflow.search_runs(filter_string=f"tags.`{registry.NIGHT_TAG}` = '{summary['run']}'", output_format="list")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert summary["recovery"]["runs_failed"] == [] and summary["recovery"]["versions_settled"] == []
+
+
+def test_user_errors_are_not_retried_and_io_errors_are(prefect_server, world, tmp_path, monkeypatch):
+    from prefect import flow
+
+    from llmrec import ingest
+    from tasks import stages
+
+    real_ingest, calls = ingest.ingest, []
+
+    def counted(landing, home):
+        calls.append(landing)
+        if landing == "flaky" and len(calls) == 1:
+            raise OSError("connection reset")
+        return real_ingest(world["config"].landing if landing == "flaky" else landing, home)
+
+    monkeypatch.setattr(ingest, "ingest", counted)
+
+    @flow
+    def one_ingest(landing: str):
+        return stages.ingest(landing, Home(tmp_path / "home"))
+
+    with pytest.raises(LlmrecError, match="does not exist"):
+        one_ingest(str(tmp_path / "missing"))
+    assert len(calls) == 1
+    calls.clear()
+    assert one_ingest("flaky").already_ingested == 0 and len(calls) == 2
