@@ -88,14 +88,22 @@ def nightly_command(
     config: Optional[Path] = typer.Option(None, help="JSON file with NightlyConfig fields."),
     set_: list[str] = typer.Option([], "--set", help="Override a field, e.g. --set training.epochs=5."),
     fail_on_invalid: Optional[bool] = typer.Option(None, "--fail-on-invalid/--continue-on-invalid"),
+    wait: Optional[float] = typer.Option(None, "--wait", help="Seconds to wait for a run holding the home's lock."),
 ) -> None:
     """Run the nightly-retrain flow once (on a temporary Prefect server if PREFECT_API_URL is unset)."""
-    cfg = nightly_config(config, set_, landing=landing, home=home, fail_on_invalid=fail_on_invalid)
+    cfg = nightly_config(config, set_, landing=landing, home=home, fail_on_invalid=fail_on_invalid, lock_wait=wait)
 
     def run():
         from flows.nightly import nightly_retrain
+        from llmrec.config import Home
+        from llmrec.ingest import open_landing
+        from llmrec.lock import exclusive
 
-        return nightly_retrain(config=cfg)
+        # A held lock or an unreachable landing is found before a flow run exists: one line,
+        # exit 2, no retries, no failed flow run. The flow takes the lock again (re-entrant).
+        open_landing(cfg.landing)
+        with exclusive(Home(cfg.home), cfg.lock_wait):
+            return nightly_retrain(config=cfg)
 
     summary = guarded(run)
     typer.echo(json.dumps({k: summary[k] for k in ("run", "status", "version", "note")}, default=str))
@@ -179,13 +187,22 @@ def rollback_command(
     version: Optional[str] = typer.Option(None, help="Version to make champion (default: alias 'previous')."),
     home: Optional[str] = typer.Option(None),
     model: str = typer.Option("llmrec"),
+    wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for a nightly run holding the home's lock."),
 ) -> None:
-    """Move the champion alias back; nothing is deleted."""
+    """Move the champion alias back; nothing is deleted. Takes the home's lock, so it never
+    races with a night's gate."""
     from llmrec import registry
     from llmrec.config import Home, default_home
+    from llmrec.lock import exclusive
 
-    registry.configure(Home(home or default_home()), "llmrec")
-    champion = guarded(lambda: registry.rollback(model, version))
+    state = Home(home or default_home())
+    registry.configure(state, "llmrec")
+
+    def move_alias() -> str:
+        with exclusive(state, wait):
+            return registry.rollback(model, version)
+
+    champion = guarded(move_alias)
     typer.echo(f"{model}: champion is now version {champion}")
 
 

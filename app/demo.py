@@ -15,6 +15,7 @@ from llmrec.data import copy_drop, movielens_drops, synthetic_drops
 from llmrec.errors import LlmrecError
 from llmrec.report import render_table
 
+DEMO_MARKER = ".llmrec-demo"
 DEMO_SYNTHETIC = dict(users=300, items=400, days=14, seed=0)
 # The first synthetic night lands three days at once: history to bootstrap the first model.
 SYNTHETIC_BOOTSTRAP_DROPS = 3
@@ -42,9 +43,15 @@ def run_demo(ml100k: Path | None, nights: int, workdir: Path, overrides: dict, h
     if not home.is_relative_to(workdir) and home.exists() and any(home.iterdir()):
         raise LlmrecError(f"--home {home}: already holds state; the demo starts from an empty home "
                           f"(or leave it unset to use {workdir / 'home'})")
-    # The work folder is the demo's own scratch folder, rebuilt from the generators on every run.
-    if workdir.exists():
+    # The work folder is the demo's own scratch folder, rebuilt on every run, and only its
+    # own: a folder without the marker it leaves is someone's data.
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / DEMO_MARKER).is_file():
+            raise LlmrecError(f"--workdir {workdir}: exists and was not made by the demo ({DEMO_MARKER} missing); "
+                              "nothing was deleted; pass an empty or new folder")
         shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / DEMO_MARKER).write_text("made by `llmrec demo`, which empties this folder on its next run\n")
     drops, landing = workdir / "drops", workdir / "landing"
     landing.mkdir(parents=True)
     if ml100k is not None:

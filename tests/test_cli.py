@@ -1,5 +1,6 @@
 """The command line: user mistakes give one message and exit code 2, no traceback."""
 
+import os
 import subprocess
 import sys
 
@@ -86,3 +87,45 @@ def test_alerts_install_needs_a_prefect_server(monkeypatch):
 def test_bad_gate_and_monitor_parameters(value, needle, tmp_path):
     result = runner.invoke(app, ["nightly", "--landing", str(tmp_path), "--set", value])
     assert result.exit_code == 2 and needle in result.output
+
+
+def test_unreachable_landing_uri_is_one_line_not_retried_no_flow_run(tmp_path):
+    # Connection refused on 127.0.0.1; the user:password must not be echoed either.
+    uri = "s3://user:secret@bucket/landing?endpoint_override=127.0.0.1:9&scheme=http"
+    env = dict(os.environ, AWS_EC2_METADATA_DISABLED="true", AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y")
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "nightly", "--landing", uri, "--home", str(tmp_path / "h")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: landing='s3://bucket/landing': cannot open"), lines
+    assert "secret" not in proc.stderr + proc.stdout and "flow run" not in proc.stderr + proc.stdout
+
+
+def test_a_held_lock_is_one_line_for_nightly_and_rollback(tmp_path):
+    from llmrec.config import Home
+    from test_lock import hold_lock
+
+    landing = tmp_path / "landing"
+    (landing / "events").mkdir(parents=True)
+    home = Home(tmp_path / "home")
+    holder = hold_lock(home, 60)
+    try:
+        night = runner.invoke(app, ["nightly", "--landing", str(landing), "--home", str(home.root), "--wait", "0.5"])
+        back = runner.invoke(app, ["rollback", "--home", str(home.root)])
+    finally:
+        holder.kill()
+        holder.wait()
+    for result in (night, back):
+        assert result.exit_code == 2, result.output
+        assert "another nightly run or rollback" in result.output and "Traceback" not in result.output
+        assert "flow run" not in result.output
+    assert "after waiting 0.5 s" in night.output
+
+
+def test_demo_refuses_to_delete_a_folder_it_did_not_make(tmp_path):
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("keep me")
+    result = runner.invoke(app, ["demo", "--workdir", str(precious), "--nights", "0"])
+    assert result.exit_code == 2 and "was not made by the demo" in result.output
+    assert (precious / "thesis.txt").read_text() == "keep me"
