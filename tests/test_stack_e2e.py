@@ -116,9 +116,11 @@ def test_two_nights_on_the_native_production_stack(tmp_path, tiny_encoder):
         assert "version **1** -> alias `champion`" in reports[0] and "version **2** -> alias `champion`" in reports[1]
         assert "resumed from: v1" in reports[1]
 
-        # Landing was read from the bucket: the manifest records the s3:// URIs uploaded.
+        # Landing was read from the bucket: the manifest records the s3:// URIs uploaded, each
+        # named by its path relative to the landing root.
         manifest = pd.read_parquet(home / "manifest.parquet")
-        assert sorted(manifest["file"]) == sorted(uploaded)
+        assert sorted(manifest["source"]) == sorted(uploaded)
+        assert sorted(manifest["file"]) == sorted(uri.removeprefix(landing) for uri in uploaded)
 
         # The registry's rows are in Postgres.
         with psycopg.connect(dbname="mlflow", host=stack_env["PGHOST"], port=stack_env["PGPORT"],
