@@ -20,7 +20,6 @@ from llmrec.errors import LlmrecError
 from llmrec.history import History
 
 
-
 def not_a_user_error(task, task_run, state) -> bool:
     """Retry storage and registry hiccups, never a user's mistake (a held lock, an
     unreachable URI, a bad file): it fails the same way every time."""
