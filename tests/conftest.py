@@ -8,6 +8,19 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def mlflow_tracking_uri_left_as_found():
+    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: a test that points MLflow at
+    its own home (or restores a previous URI) would otherwise send every later test's runs,
+    in this process and its children, to that store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder():
     """A 2-layer randomly initialised BERT with MiniLM's tokenizer: fast, offline."""

@@ -20,10 +20,8 @@ def home(tmp_path_factory):
     for tag in tags:
         landing = root / f"landing-{tag}"
         copy_drop(root / "drops", tag, landing)
-        fs, files = ingest.list_landing(str(landing))
-        manifest = ingest.read_manifest(home)
-        reads = [ingest.read_landing_file(fs, f) for f in ingest.discover(fs, files, manifest).new]
-        ingest.curate(home, reads, [], ingest.next_ingest_seq(manifest))
+        batch = ingest.ingest(str(landing), home)
+        ingest.curate(home, batch.reads, [], ingest.next_ingest_seq(ingest.read_manifest(home)))
     return home
 
 
