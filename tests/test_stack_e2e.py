@@ -97,13 +97,13 @@ def test_two_nights_on_the_native_production_stack(tmp_path, tiny_encoder):
         serve_log = tmp_path / "serve.log"
         served = subprocess.Popen([BIN / "llmrec", "serve", "--landing", landing, "--home", str(home)], env=env,
                                   stdout=serve_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-        # Gated on recall only by the point rule with full tolerance, no drift hold: both nights
+        # Gated on recall only by the point rule with full tolerance, drift never holding: both nights
         # are promoted whatever the tiny random encoder scores, so night 2 resumes from version
         # 1's checkpoint, which comes back from the bucket through MLflow's artifact proxy.
         parameters = {"config": {"landing": landing, "home": str(home), "model": {"encoder": str(encoder_dir), "dim": 8},
                                  "training": {"epochs": 2},
                                  "gate": {"rule": "point", "metrics": ["recall_at_10"], "tolerance": 1.0},
-                                 "monitor": {"hold_columns": []}}}
+                                 "monitor": {"hold_columns": [], "drift_threshold": 1.0}}}
         uploaded, reports = [], []
         for tag in tags:
             uploaded += upload_drop(s3, drops, tag)
