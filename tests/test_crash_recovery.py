@@ -143,9 +143,15 @@ def test_kill_9_at_every_stage_then_rerun(world, api_url):
     with open(root / "rerun.log", "w") as log:
         assert nightly(root, encoder_dir, api_url, log).wait(RUN_SECONDS) == 0, (root / "rerun.log").read_text()[-3000:]
     rerun = (root / "rerun.log").read_text()
-    assert '"status": "registered"' in rerun, rerun[-3000:]
     assert outcomes["log-model"] == outcomes["after-version"] == "killed", outcomes
     check_end_state(root, load_encoder(str(encoder_dir)))
     history = registry.version_history("llmrec")
-    assert "abandoned" in set(history["decision"]), history
-    assert "Abandoned" in history.loc[history["decision"] == "abandoned", "description"].iloc[0]
+    # The last kill lands just after the version row appears; the process may get as far as
+    # moving the alias before the signal arrives. Then the rerun completes that decision
+    # (the night's rows were judged) instead of abandoning the version and training again.
+    if "had no decision: now rejected" in rerun or "had no decision: now promoted" in rerun:
+        assert '"status": "skipped"' in rerun and "0 curated rows not yet judged" in rerun, rerun[-3000:]
+    else:
+        assert '"status": "registered"' in rerun, rerun[-3000:]
+        assert "abandoned" in set(history["decision"]), history
+        assert "Abandoned" in history.loc[history["decision"] == "abandoned", "description"].iloc[0]
