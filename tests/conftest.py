@@ -8,17 +8,26 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import pytest
 
 
-@pytest.fixture(autouse=True)
-def mlflow_tracking_uri_left_as_found():
-    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: a test that points MLflow at
-    its own home (or restores a previous URI) would otherwise send every later test's runs,
-    in this process and its children, to that store."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    if before is None:
+# The MLflow store the suite was started with (normally none: each test's home decides).
+SUITE_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def restore_tracking_uri() -> None:
+    if SUITE_TRACKING_URI is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+        os.environ["MLFLOW_TRACKING_URI"] = SUITE_TRACKING_URI
+
+
+@pytest.fixture(autouse=True)
+def mlflow_tracking_uri_left_as_found():
+    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: a test or fixture that points
+    MLflow at its own home (or restores a previous URI) would otherwise send every later
+    test's runs, in this process and its children, to that store. Reset before and after
+    each test, so module and session fixtures cannot leak it either."""
+    restore_tracking_uri()
+    yield
+    restore_tracking_uri()
 
 
 @pytest.fixture(scope="session")
