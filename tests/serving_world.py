@@ -2,7 +2,8 @@
 real llmrec pyfunc versions in its sqlite registry, trained on genre tastes with the tiny
 encoder (saved to a folder, so a separate `llmrec api` process loads the same weights)."""
 
-from __future__ import annotations
+from __future__ import os
+import annotations
 
 import copy
 from dataclasses import dataclass, replace
@@ -109,7 +110,11 @@ def build_template(root: Path, tiny_encoder: Encoder) -> World:
             folders[version] = folder
         MlflowClient().set_registered_model_alias(NAME, "champion", "1")
     finally:
+        # Restores MLflow's own setting without exporting MLFLOW_TRACKING_URI to later tests.
+        exported = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(previous_uri)
+        if exported is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
     return World(home=home, encoder=encoder, encoder_dir=encoder_dir, checkpoints=checkpoints, folders=folders,
                  texts=texts, events=events)
 
