@@ -2,8 +2,9 @@
 real llmrec pyfunc versions in its sqlite registry, trained on genre tastes with the tiny
 encoder (saved to a folder, so a separate `llmrec api` process loads the same weights)."""
 
-from __future__ import os
-import annotations
+from __future__ import annotations
+
+import os
 
 import copy
 from dataclasses import dataclass, replace
