@@ -53,6 +53,7 @@ from llmrec.data import load_movielens  # noqa: E402
 from llmrec.encoder import TextCache, load_encoder  # noqa: E402
 from llmrec.evaluate import evaluate_models, evaluate_sample  # noqa: E402
 from llmrec.gate import decide, hold_for_drift, paired_interval  # noqa: E402
+from llmrec.history import History, footer  # noqa: E402
 from llmrec.model import Champion  # noqa: E402
 from llmrec.monitor import drift_hold, night_drift  # noqa: E402
 from llmrec.report import render_table  # noqa: E402
@@ -98,8 +99,15 @@ class Replay:
                             self.workdir / f"n{night}-{time.perf_counter_ns()}", "replay")
         return window, upto, trained
 
+    def history(self, upto: pd.DataFrame) -> History:
+        """The replayed events as the curated History the nightly flow reads."""
+        path = self.workdir / f"history-{time.perf_counter_ns()}.parquet"
+        upto.to_parquet(path, index=False)
+        return History([footer(str(path))])
+
     def gate(self, window, upto, trained, champion: Champion, config: NightlyConfig):
-        metrics = evaluate_models(window, upto, trained.checkpoint, champion.checkpoint, self.cache, self.texts, config)
+        metrics = evaluate_models(window, self.history(upto), upto, trained.checkpoint, champion.checkpoint,
+                                  self.cache, self.texts, config)
         decision = decide(metrics["challenger"], metrics["champion"], metrics["global_mean"], config.gate,
                           metrics["samples"])
         drift = night_drift(upto, champion.ingest_watermark, self.texts, config.monitor) if champion.version else None

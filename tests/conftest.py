@@ -20,13 +20,17 @@ def restore_tracking_uri() -> None:
 
 
 @pytest.fixture(autouse=True)
-def mlflow_tracking_uri_left_as_found():
-    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: a test or fixture that points
-    MLflow at its own home (or restores a previous URI) would otherwise send every later
-    test's runs, in this process and its children, to that store. Reset before and after
-    each test, so module and session fixtures cannot leak it either."""
+def environment_left_as_found():
+    """Every test ends with the environment it started with: entry points called in-process
+    set variables for their own process (the demo quiets Prefect's console, which hid the
+    progress lines a later test's child processes print), and mlflow.set_tracking_uri exports
+    MLFLOW_TRACKING_URI. MLflow's URI is also reset before each test, so module and session
+    fixtures that point MLflow at their own home cannot leak it either."""
     restore_tracking_uri()
+    before = dict(os.environ)
     yield
+    os.environ.clear()
+    os.environ.update(before)
     restore_tracking_uri()
 
 
