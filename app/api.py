@@ -12,6 +12,7 @@ PROMETHEUS_MULTIPROC_DIR is set (the runner sets it before prometheus_client is 
 # No `from __future__ import annotations`: FastAPI reads the request models defined inside
 # create_app from their annotations at run time.
 
+import gc
 import logging
 import os
 import time
@@ -84,6 +85,16 @@ def metrics() -> Metrics:
     return Metrics()
 
 
+def after_check(outcome: ReloadOutcome, follower: ChampionFollower) -> None:
+    """Metrics of every alias check; after a load, the heap (libraries and the new model,
+    millions of objects) is moved out of the garbage collector's reach: a full collection
+    over it stalls every request in flight for 100 ms and more, at random."""
+    metrics().record_outcome(outcome, follower)
+    if outcome.status == "loaded":
+        gc.collect()
+        gc.freeze()
+
+
 class MetricsMiddleware:
     """Counts and times every HTTP request by route template (not raw path, so user ids do
     not become label values), method and status."""
@@ -154,10 +165,9 @@ def create_app(config: ApiConfig, follower: ChampionFollower | None = None) -> F
     home = Home(config.home)
     keys = KeyStore(keys_file(home.root))
     if follower is None:
-        follower = ChampionFollower(home, config.registered_model, config.compression,
-                                    on_outcome=metrics().record_outcome)
+        follower = ChampionFollower(home, config.registered_model, config.compression, on_outcome=after_check)
     elif follower.on_outcome is None:
-        follower.on_outcome = metrics().record_outcome
+        follower.on_outcome = after_check
 
     class BatchRecommendationsRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -202,7 +212,9 @@ def create_app(config: ApiConfig, follower: ChampionFollower | None = None) -> F
         return JSONResponse(error_body(500, "internal error (logged by the server)"), status_code=500)
 
     def require(scope: str):
-        def check_key(header_key: str | None = Security(API_KEY_HEADER),
+        # async: a key check is a hash and a dict lookup; a sync dependency would hop to the
+        # thread pool on every request, and threads contending for the GIL stretch the tail.
+        async def check_key(header_key: str | None = Security(API_KEY_HEADER),
                       bearer: HTTPAuthorizationCredentials | None = Security(BEARER)):
             key = header_key or (bearer.credentials if bearer is not None else None)
             if not key:
