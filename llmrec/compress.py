@@ -45,13 +45,29 @@ def compress_encoder(encoder: Encoder, compression: Compression) -> Encoder:
         model.encoder.layer = nn.ModuleList(list(layers)[: compression.encoder_layers])
         model.config.num_hidden_layers = compression.encoder_layers
     if compression.quantize == "int8":
-        with warnings.catch_warnings():
-            # torch.ao.quantization is deprecated in favour of torchao, which is not installed here.
-            warnings.simplefilter("ignore")
-            model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        model = quantize_int8(model)
     model.eval()
     return Encoder(name=f"{encoder.name} ({compression.label})", tokenizer=encoder.tokenizer, model=model,
                    identity=encoder.identity)
+
+
+def int8_layers(model: nn.Module) -> list[str]:
+    """The Linear layers served in int8: all but the feed-forward output projections, whose
+    inputs (GELU activations with outliers) lose most to one activation scale per batch.
+    On MiniLM-L6 over MovieLens texts (one thread, interleaved runs), mean cosine of the
+    pooled output to fp32: every Linear per tensor 0.941 (2.3x faster), per channel 0.977
+    (2.3-2.8x), per channel without those six 0.988 (1.7-2.1x)."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+            and not (name.endswith("output.dense") and ".attention." not in name)]
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Dynamic int8 quantization (weights per output channel) of `int8_layers`."""
+    qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao, which is not installed here.
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {name: qconfig for name in int8_layers(model)})
 
 
 def state_bytes(model: nn.Module) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from llmrec import registry
-from llmrec.compress import compress_encoder
+from llmrec.compress import compress_encoder, quantize_int8
 from llmrec.config import Compression, Home
 from llmrec.encoder import Encoder, TextCache, load_encoder
 from llmrec.files import replace_atomically
@@ -146,14 +146,10 @@ class TextPath:
 
 
 def compress_encoder_layers(layers: torch.nn.ModuleList) -> torch.nn.ModuleList:
-    """The fine-tuned top layers in the checkpoint get the same dynamic int8 treatment."""
-    import warnings
-
+    """The fine-tuned top layers in the checkpoint get the encoder's int8 treatment."""
     if any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in layers.modules()):
         return layers
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(layers, {torch.nn.Linear}, dtype=torch.qint8)
+    return quantize_int8(layers)
 
 
 def build_served_model(version: str, checkpoint_dir: Path, home: Home, text_path: TextPath) -> ServedModel:
