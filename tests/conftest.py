@@ -51,14 +51,24 @@ def tiny_encoder():
 
 
 @pytest.fixture(scope="session")
-def served_template(tmp_path_factory, tiny_encoder):
+def tiny_encoder_dir(tmp_path_factory, tiny_encoder):
+    """The tiny encoder saved as a model folder: what a config's `model.encoder` or a child
+    process loads it from."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tiny_encoder.model.save_pretrained(folder)
+    tiny_encoder.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def served_template(tmp_path_factory, tiny_encoder_dir):
     """An LLMREC_HOME with curated data and a registry: version 1 (champion), version 2 (one
     more epoch: other scores), version 3 (its vectors file is corrupt: fails to load). The
     tiny encoder is saved to a folder named in the model config, so a separate process loads
     the same encoder. Tests copy it (see `served_home`) and change their copy."""
     from serving_world import build_template
 
-    return build_template(tmp_path_factory.mktemp("served"), tiny_encoder)
+    return build_template(tmp_path_factory.mktemp("served"), tiny_encoder_dir)
 
 
 @pytest.fixture

@@ -70,10 +70,7 @@ def add_item(home: Home, item_id: str, title: str) -> None:
     upsert(home.items, pd.DataFrame({"item_id": [item_id], "title": [title]}), "item_id")
 
 
-def build_template(root: Path, tiny_encoder: Encoder) -> World:
-    encoder_dir = root / "encoder"
-    tiny_encoder.model.save_pretrained(encoder_dir)
-    tiny_encoder.tokenizer.save_pretrained(encoder_dir)
+def build_template(root: Path, encoder_dir: Path) -> World:
     encoder = load_encoder(str(encoder_dir))
     home = Home(root / "home").ensure()
     items = {f"i{i}": f"film {i}; genres: {GENRES[i % 4]}" for i in range(N_ITEMS)}

@@ -5,12 +5,9 @@ import numpy as np
 from test_benchmarks_speed import fake_movielens, load
 
 
-def test_serving_compression_quick(tiny_encoder, tmp_path, capsys):
-    encoder_dir = tmp_path / "tiny"
-    tiny_encoder.model.save_pretrained(encoder_dir)
-    tiny_encoder.tokenizer.save_pretrained(encoder_dir)
+def test_serving_compression_quick(tiny_encoder_dir, tmp_path, capsys):
     data = fake_movielens(tmp_path / "ml")
-    result = load("serving_compression").main(["--quick", "--encoder", str(encoder_dir), "--data", str(data),
+    result = load("serving_compression").main(["--quick", "--encoder", str(tiny_encoder_dir), "--data", str(data),
                                                "--cache", str(tmp_path / "cache"),
                                                "--variants", "fp32,int8,pruned 50%,1 layers + int8"])
     out = capsys.readouterr().out

@@ -37,12 +37,9 @@ def fake_movielens(folder: Path, n_users=30, n_items=40, n=1500, days=34, seed=0
     return folder
 
 
-def test_cpu_benchmarks_run_quick_and_print_results(tiny_encoder, tmp_path, capsys):
-    encoder_dir = tmp_path / "tiny"
-    tiny_encoder.model.save_pretrained(encoder_dir)
-    tiny_encoder.tokenizer.save_pretrained(encoder_dir)
+def test_cpu_benchmarks_run_quick_and_print_results(tiny_encoder_dir, tmp_path, capsys):
     data = fake_movielens(tmp_path / "ml")
-    common = ["--quick", "--encoder", str(encoder_dir), "--data", str(data), "--cache", str(tmp_path / "cache")]
+    common = ["--quick", "--encoder", str(tiny_encoder_dir), "--data", str(data), "--cache", str(tmp_path / "cache")]
 
     train = load("train_throughput").main(common + ["--ratings", "64", "--batch-size", "32", "--micro-batch", "16",
                                                     "--held-out", "40", "--epoch-rows", "300",

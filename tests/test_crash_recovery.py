@@ -36,13 +36,10 @@ def api_url():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_encoder):
+def world(tmp_path_factory, tiny_encoder_dir):
     root = tmp_path_factory.mktemp("crash")
-    encoder_dir = root / "tiny-bert"
-    tiny_encoder.model.save_pretrained(encoder_dir)
-    tiny_encoder.tokenizer.save_pretrained(encoder_dir)
     synthetic_drops(root / "drops", users=60, items=80, days=7, seed=5)
-    return root, encoder_dir
+    return root, tiny_encoder_dir
 
 
 def nightly(root, encoder_dir, api_url, log) -> subprocess.Popen:

@@ -26,11 +26,9 @@ def prefect_server():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_encoder):
+def world(tmp_path_factory, tiny_encoder_dir):
     root = tmp_path_factory.mktemp("e2e")
-    encoder_dir = root / "tiny-bert"
-    tiny_encoder.model.save_pretrained(encoder_dir)
-    tiny_encoder.tokenizer.save_pretrained(encoder_dir)
+    encoder_dir = tiny_encoder_dir
     drops = root / "drops"
     synthetic_drops(drops, users=80, items=120, days=7, seed=3)
     config = NightlyConfig(

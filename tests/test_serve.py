@@ -17,14 +17,11 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def test_served_manual_deployment_runs_from_a_form_submission(tmp_path, tiny_encoder):
+def test_served_manual_deployment_runs_from_a_form_submission(tmp_path, tiny_encoder_dir):
     port = free_port()
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
                PREFECT_SERVER_ANALYTICS_ENABLED="false",
                MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
-    encoder_dir = tmp_path / "tiny-bert"
-    tiny_encoder.model.save_pretrained(encoder_dir)
-    tiny_encoder.tokenizer.save_pretrained(encoder_dir)
     drops, landing = tmp_path / "drops", tmp_path / "landing"
     for tag in synthetic_drops(drops, users=40, items=50, days=2, seed=5):
         copy_drop(drops, tag, landing)
@@ -38,7 +35,7 @@ def test_served_manual_deployment_runs_from_a_form_submission(tmp_path, tiny_enc
         served = subprocess.Popen([BIN / "llmrec", "serve", "--landing", str(landing), "--home", str(tmp_path / "home")],
                                   env=env, stdout=serve_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         params = {"config": {"landing": str(landing), "home": str(tmp_path / "home"),
-                             "model": {"encoder": str(encoder_dir), "dim": 8}, "training": {"epochs": 2}}}
+                             "model": {"encoder": str(tiny_encoder_dir), "dim": 8}, "training": {"epochs": 2}}}
         proc = subprocess.run([sys.executable, Path(__file__).with_name("run_manual_deployment.py"), json.dumps(params)],
                               env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:] + serve_log.read_text()[-3000:]

@@ -57,7 +57,7 @@ def upload_drop(s3, drops: Path, tag: str) -> list[str]:
     return keys
 
 
-def test_two_nights_on_the_native_production_stack(tmp_path, tiny_encoder):
+def test_two_nights_on_the_native_production_stack(tmp_path, tiny_encoder_dir):
     import boto3
     import pandas as pd
     import psycopg
@@ -85,9 +85,6 @@ def test_two_nights_on_the_native_production_stack(tmp_path, tiny_encoder):
         assert status_of(f"{prefect_api}/flows/filter", "POST") == 401
         assert status_of(f"{prefect_api}/flows/filter", "POST", auth=stack_env["PREFECT_API_AUTH_STRING"]) == 200
 
-        encoder_dir = tmp_path / "tiny-bert"
-        tiny_encoder.model.save_pretrained(encoder_dir)
-        tiny_encoder.tokenizer.save_pretrained(encoder_dir)
         drops = tmp_path / "drops"
         tags = synthetic_drops(drops, users=40, items=50, days=2, seed=5)
         s3 = boto3.client("s3", endpoint_url=stack_env["AWS_ENDPOINT_URL"], region_name=stack_env["AWS_DEFAULT_REGION"],
@@ -100,7 +97,7 @@ def test_two_nights_on_the_native_production_stack(tmp_path, tiny_encoder):
         # Gated on recall only by the point rule with full tolerance, drift never holding: both nights
         # are promoted whatever the tiny random encoder scores, so night 2 resumes from version
         # 1's checkpoint, which comes back from the bucket through MLflow's artifact proxy.
-        parameters = {"config": {"landing": landing, "home": str(home), "model": {"encoder": str(encoder_dir), "dim": 8},
+        parameters = {"config": {"landing": landing, "home": str(home), "model": {"encoder": str(tiny_encoder_dir), "dim": 8},
                                  "training": {"epochs": 2},
                                  "gate": {"rule": "point", "metrics": ["recall_at_10"], "tolerance": 1.0},
                                  "monitor": {"hold_columns": [], "drift_threshold": 1.0}}}
