@@ -48,8 +48,8 @@ def join_top_k(relevant: pd.DataFrame, top_k: pd.DataFrame, k: int) -> pd.DataFr
     pairs = relevant[["user_id", "item_id"]].drop_duplicates()
     counts = pairs.groupby("user_id").size().rename("relevant")
     top = top_k.loc[(top_k["rank"] <= k) & top_k["user_id"].isin(counts.index), ["user_id", "item_id", "rank"]]
-    top = top.merge(pairs.assign(hit=True), on=["user_id", "item_id"], how="left")
-    top["hit"] = top["hit"].fillna(False).astype(bool)
+    top = top.merge(pairs, on=["user_id", "item_id"], how="left", indicator="hit")
+    top["hit"] = top["hit"].eq("both")
     missing = counts.index.difference(pd.Index(top["user_id"].unique()))
     if len(missing):
         top = pd.concat([top, pd.DataFrame({"user_id": missing, "item_id": None, "rank": np.nan, "hit": False})],
