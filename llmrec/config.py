@@ -470,8 +470,9 @@ class Compression(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     quantize: Literal["none", "int8"] = Field(
-        "none", description="int8: dynamic int8 Linear layers in the encoder, and an int8 item matrix "
-        "with per-row scales for the top-K product.")
+        "none", description="int8: dynamic int8 Linear layers in the encoder (per-channel weights; the "
+        "feed-forward output projections stay fp32), and an int8 item matrix with per-row scales for "
+        "the top-K product.")
     prune: float = Field(0.0, ge=0.0, lt=1.0, description="Share of each encoder Linear weight zeroed by "
                          "L1-unstructured pruning (0 = none).")
     encoder_layers: int | None = Field(None, ge=1, description="Serve with only the encoder's first N "
