@@ -17,7 +17,8 @@ rows cannot tell them apart). Nights with fewer than 4 following weeks are not j
 
 Injected bad nights (gated against the same champion, never served): the night's new
 ratings inverted (6 - r); 30% of them shuffled between rows; one new user with 500
-five-star ratings of random items; a challenger trained at 100x the learning rate.
+five-star ratings of random items; a challenger trained at 100x the learning rate. Their
+truth is printed too (on the clean following weeks), but not counted in the summary.
 
 Printed per rule: promotion rate, false rejections (truly better, rejected; share of truly
 better nights), false promotions (truly worse, promoted; share of judged nights), injected
@@ -150,8 +151,9 @@ class Replay:
                 bad_events = inject(kind, self.events, night, self.items, seed=night)
                 w, u, t = self.challenger(champion, bad_events, night, anchor, bad_config)
                 bad_decision, _ = self.gate(w, u, t, champion, bad_config)
+                # Its truth is printed, not summarized: whether promoting it would have hurt.
                 rows.append({"night": night, "rule": rule, "kind": kind, "promoted": bad_decision.promote,
-                             "truth": None, "reason": bad_decision.reason[:160]})
+                             "truth": self.truth(t.checkpoint, champion, night), "reason": bad_decision.reason[:160]})
             log.info("%s night %d: %s (truth %s)", rule, night, "promoted" if decision.promote else "rejected", truth)
             if decision.promote:
                 champion = Champion(version=str(night), checkpoint=trained.checkpoint)

@@ -74,13 +74,14 @@ def paired_comparison(home: Home, name: str, a: str, b: str, config: NightlyConf
                               read_catalog_texts(home), config)
     decision = decide(metrics["challenger"], metrics["champion"], metrics["global_mean"], config.gate,
                       metrics["samples"])
-    for check in decision.checks:
-        check.reference_name = f"v{earlier.version}"
+    # The gate's words (challenger, champion) as the two versions.
+    checks = [row | {"reference": row["reference"].replace("champion", f"v{earlier.version}")}
+              for row in check_rows(decision)]
     segments = [{k.replace("challenger", f"v{later.version}").replace("champion", f"v{earlier.version}"): v
                  for k, v in row.items()} for row in metrics["segments"]]
     return "\n".join([
         f"v{later.version} vs v{earlier.version}, both scored on v{later.version}'s night: {len(window.held_out)} "
         f"held-out rows (ingest sequences up to {window.watermark}) and {len(window.anchor)} anchor rows "
         f"(gate.rule={config.gate.rule}; difference = v{later.version} - v{earlier.version})", "",
-        render_table(check_rows(decision), style="text") if decision.checks else "(no checks)", "",
+        render_table(checks, style="text") if checks else "(no checks)", "",
         "per segment:", "", render_table(segments, style="text")])
