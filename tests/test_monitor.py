@@ -108,7 +108,9 @@ def test_trend_history_table_and_png(tmp_path, monkeypatch):
 
 
 def test_one_value_raters_are_named_and_hold_the_challenger():
+    from llmrec.ingest import IngestResult
     from llmrec.monitor import DriftRecord, night_record, one_value_raters
+    from llmrec.report import run_report
 
     def bot(frame):
         rows = pd.DataFrame({"user_id": ["bot"] * 120 + ["fan"] * 120 + ["few"] * 50,
@@ -130,6 +132,8 @@ def test_one_value_raters_are_named_and_hold_the_challenger():
         "user bot: 120 ratings, 100% 5", "user few: 50 ratings, 100% 1"]
     quiet = DriftRecord("jensenshannon", 0.1, {"rating": 0.02}, [], 0.0, 10, 10)
     assert drift_hold(quiet, config) is None
+    assert "- one-value raters: user bot: 120 ratings, 100% 5" in run_report("r", IngestResult([], [], 0), drift=record)
+    assert "one-value raters" not in run_report("r", IngestResult([], [], 0), drift=quiet)
 
 
 def test_the_rating_column_holds_only_from_the_hold_threshold():
