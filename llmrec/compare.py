@@ -75,7 +75,8 @@ def paired_comparison(home: Home, name: str, a: str, b: str, config: NightlyConf
     decision = decide(metrics["challenger"], metrics["champion"], metrics["global_mean"], config.gate,
                       metrics["samples"])
     # The gate's words (challenger, champion) as the two versions.
-    checks = [row | {"reference": row["reference"].replace("champion", f"v{earlier.version}")}
+    checks = [{(f"v{later.version}" if k == "challenger" else k): v for k, v in row.items()}
+              | {"reference": row["reference"].replace("champion", f"v{earlier.version}")}
               for row in check_rows(decision)]
     segments = [{k.replace("challenger", f"v{later.version}").replace("champion", f"v{earlier.version}"): v
                  for k, v in row.items()} for row in metrics["segments"]]

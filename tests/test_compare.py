@@ -41,7 +41,8 @@ def test_compare_scores_any_two_versions_on_the_later_ones_night(prefect_server,
     config = NightlyConfig(landing=str(landing), home=str(tmp_path / "home"),
                            model={"encoder": str(encoder_dir), "dim": 8, "max_length": 16},
                            training={"epochs": 6, "lr": 0.01, "l2": 0.05},
-                           gate={"resamples": 200, "small_sample": "ignore"})
+                           # Intervals on the few held-out rows of these tiny nights too.
+                           gate={"resamples": 200, "small_sample": "ignore", "min_samples": 5})
     for night in (tags[:3], tags[3:4], tags[4:5]):
         for tag in night:
             copy_drop(drops, tag, landing)
@@ -53,6 +54,7 @@ def test_compare_scores_any_two_versions_on_the_later_ones_night(prefect_server,
 
     # The pair v3 was gated against: scoring again on the rebuilt night gives the stored checks.
     again = paired_comparison(home, config.registered_model, gated_against, "3", config)
+    assert any(check["interval"] for check in stored_checks(config, "3")["checks"])
     for check in stored_checks(config, "3")["checks"]:
         assert f"{check['difference']} " in again and check["interval"] in again, (check, again)
 
@@ -61,7 +63,7 @@ def test_compare_scores_any_two_versions_on_the_later_ones_night(prefect_server,
     run_id = MlflowClient().get_model_version(config.registered_model, "3").run_id
     window = mlflow.artifacts.load_dict(f"runs:/{run_id}/window.json")
     result = CliRunner().invoke(app, ["versions", "--home", config.home, "--compare", other, "3",
-                                      "--set", "gate.resamples=200"])
+                                      "--set", "gate.resamples=200", "--set", "gate.min_samples=5"])
     assert result.exit_code == 0, result.output
     assert "neither was gated against the other" in result.output
     assert (f"v3 vs v{other}, both scored on v3's night: {window['held_out_rows']} held-out rows"
@@ -69,3 +71,4 @@ def test_compare_scores_any_two_versions_on_the_later_ones_night(prefect_server,
     assert f"{window['anchor_rows']} anchor rows" in result.output
     paired = result.output.split("neither was gated against the other")[1]
     assert "recall_at_10" in paired and f"v{other} " in paired and "cold users" in paired
+    assert "| [" in paired.split("per segment")[0]  # a paired interval in the check table
