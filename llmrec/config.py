@@ -298,8 +298,8 @@ class MonitorConfig(BaseModel):
     hold_threshold: float = Field(
         0.21, gt=0.0,
         description="A hold column holds the challenger when its score reaches this. On MovieLens weeks "
-        "(benchmarks/gate_replay.py) the rating score of ordinary weeks stays <= 0.20 (the highest, a week "
-        "where one user gave a third of the ratings) and inverted ratings score >= 0.23.",
+        "(benchmarks/night_statistics.py) the rating score of ordinary weeks stays <= 0.20 (the highest, a "
+        "week where one user gave a third of the ratings) and inverted ratings score >= 0.23.",
     )
     rater_min_ratings: int = Field(
         100, ge=2,
@@ -308,8 +308,8 @@ class MonitorConfig(BaseModel):
     )
     rater_max_share: float = Field(
         0.95, gt=0.0, le=1.0,
-        description="What 'nearly all' means for monitor.rater_min_ratings: more than this share of the user's ratings tonight are one value "
-        "(MovieLens users with 100+ ratings in a week reach 0.88).",
+        description="What 'nearly all' means for monitor.rater_min_ratings: more than this share of the "
+        "user's ratings tonight are one value (MovieLens users with 100+ ratings in a week reach 0.88).",
     )
     on_drift: Literal["reject", "approve"] = Field(
         "reject", description="A drifting night's challenger is rejected, or held for approval as with "
