@@ -128,15 +128,26 @@ def demo_command(
 @app.command("versions")
 def versions_command(
     home: Optional[str] = typer.Option(None), model: str = typer.Option("llmrec"),
-    compare: Optional[tuple[str, str]] = typer.Option(None, help="Two versions A B: their metrics and stored comparison."),
+    compare: Optional[tuple[str, str]] = typer.Option(
+        None, help="Two versions A B: their metrics, and both scored on the same rows (the later one's night)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a NightlyConfig field for --compare, e.g. "
+                                                     "--set gate.resamples=500."),
 ) -> None:
     """List the registered model's versions with aliases and decisions, or compare two."""
     from llmrec import registry
     from llmrec.config import Home, default_home
 
-    registry.configure(Home(home or default_home()), "llmrec")
+    state = Home(home or default_home())
+    registry.configure(state, "llmrec")
     if compare:
-        typer.echo(guarded(lambda: registry.compare_versions(model, *compare)))
+        cfg = nightly_config(None, set_, home=str(state.root))
+
+        def rescore(a: str, b: str) -> str:
+            from llmrec.compare import paired_comparison
+
+            return paired_comparison(state, model, a, b, cfg)
+
+        typer.echo(guarded(lambda: registry.compare_versions(model, *compare, rescore=rescore)))
         return
     frame = guarded(lambda: registry.version_history(model))
     typer.echo(frame.to_string(index=False) if len(frame) else f"no versions of {model!r} yet")

@@ -6,7 +6,7 @@
 MovieLens-100k is replayed as weekly nights (the first four weeks bootstrap the first model)
 through the flow's own stages: `window.split`, `train.fine_tune` from the served champion,
 `evaluate.evaluate_models` (challenger and champion on the same held-out and anchor rows),
-`monitor.night_drift` and `gate.decide` + `gate.hold_for_drift`. Each rule (`point`, the
+`monitor.night_record` and `gate.decide` + `gate.hold_for_drift`. Each rule (`point`, the
 earlier rule, and `bootstrap`) runs its own chain: its served champion is what it promoted.
 
 Truth, which the gate never sees: challenger and champion are both scored on the following
@@ -17,7 +17,8 @@ rows cannot tell them apart). Nights with fewer than 4 following weeks are not j
 
 Injected bad nights (gated against the same champion, never served): the night's new
 ratings inverted (6 - r); 30% of them shuffled between rows; one new user with 500
-five-star ratings of random items; a challenger trained at 100x the learning rate.
+five-star ratings of random items; a challenger trained at 100x the learning rate. Their
+truth is printed too (on the clean following weeks), but not counted in the summary.
 
 Printed per rule: promotion rate, false rejections (truly better, rejected; share of truly
 better nights), false promotions (truly worse, promoted; share of judged nights), injected
@@ -55,7 +56,7 @@ from llmrec.evaluate import evaluate_models, evaluate_sample  # noqa: E402
 from llmrec.gate import decide, hold_for_drift, paired_interval  # noqa: E402
 from llmrec.history import History, footer  # noqa: E402
 from llmrec.model import Champion  # noqa: E402
-from llmrec.monitor import drift_hold, night_drift  # noqa: E402
+from llmrec.monitor import drift_hold, night_record  # noqa: E402
 from llmrec.report import render_table  # noqa: E402
 from llmrec.schema import CatalogTexts, render_text  # noqa: E402
 from llmrec.scoring import Scorer  # noqa: E402
@@ -110,7 +111,7 @@ class Replay:
                                   self.cache, self.texts, config)
         decision = decide(metrics["challenger"], metrics["champion"], metrics["global_mean"], config.gate,
                           metrics["samples"])
-        drift = night_drift(upto, champion.ingest_watermark, self.texts, config.monitor) if champion.version else None
+        drift = night_record(upto, champion.ingest_watermark, self.texts, config.monitor) if champion.version else None
         return hold_for_drift(decision, drift_hold(drift, config.monitor)), metrics
 
     def truth(self, challenger, champion: Champion, night: int) -> str | None:
@@ -150,8 +151,9 @@ class Replay:
                 bad_events = inject(kind, self.events, night, self.items, seed=night)
                 w, u, t = self.challenger(champion, bad_events, night, anchor, bad_config)
                 bad_decision, _ = self.gate(w, u, t, champion, bad_config)
+                # Its truth is printed, not summarized: whether promoting it would have hurt.
                 rows.append({"night": night, "rule": rule, "kind": kind, "promoted": bad_decision.promote,
-                             "truth": None, "reason": bad_decision.reason[:160]})
+                             "truth": self.truth(t.checkpoint, champion, night), "reason": bad_decision.reason[:160]})
             log.info("%s night %d: %s (truth %s)", rule, night, "promoted" if decision.promote else "rejected", truth)
             if decision.promote:
                 champion = Champion(version=str(night), checkpoint=trained.checkpoint)

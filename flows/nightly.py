@@ -8,8 +8,10 @@ The flow loads the heavy things once and hands them to the stages as values.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
+import threading
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llmrec")
 
@@ -17,7 +19,7 @@ from prefect import flow  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.events import emit_event  # noqa: E402
 from prefect.exceptions import FlowPauseTimeout  # noqa: E402
-from prefect.flow_runs import pause_flow_run  # noqa: E402
+from prefect.flow_runs import pause_flow_run, resume_flow_run  # noqa: E402
 from prefect.input import RunInput  # noqa: E402
 from pydantic import Field  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
@@ -63,6 +65,10 @@ def alert(event: str, run_name: str, reason: str, **payload) -> None:
                payload={"run": run_name, "flow_run": flow_run.get_name() or "", "reason": reason, **payload})
 
 
+# Seconds the pause stays open after gate.approval_timeout, for the night's own rejection.
+PAUSE_GRACE = 60
+
+
 class Approval(RunInput):
     """The form an ML engineer fills in the Prefect UI to resume a paused night."""
 
@@ -79,12 +85,32 @@ def await_approval(config: NightlyConfig, run_name: str, registered: registry.Re
                   registered.version, timeout)
     form = Approval.with_initial_data(
         description=f"## Promote version {registered.version}?\n\n{registered.description}", approve=False)
+    unanswered = f"no answer within gate.approval_timeout={timeout} s"
+    # Prefect fails a run whose pause expires, even when the flow carries on and rejects; so
+    # at the timeout the night submits the form itself (a rejection) while the pause is still
+    # open, and the run completes. The pause's own, later expiry stays as a fallback.
+    expired, run_id = threading.Event(), flow_run.get_id()
+
+    def reject_unanswered() -> None:
+        expired.set()
+        try:
+            resume_flow_run(run_id, run_input={"approve": False, "comment": unanswered, "reviewer": ""})
+        except (RuntimeError, FlowPauseTimeout):
+            expired.clear()  # answered just before: the run is no longer paused
+
+    timer = threading.Timer(timeout, contextvars.copy_context().run, args=(reject_unanswered,))
+    timer.daemon = True
+    timer.start()
     try:
-        answer = pause_flow_run(wait_for_input=form, timeout=timeout, poll_interval=2)
-        approve, reviewer, comment = answer.approve, answer.reviewer, answer.comment
+        answer = pause_flow_run(wait_for_input=form, timeout=timeout + PAUSE_GRACE, poll_interval=2)
     except FlowPauseTimeout:
-        approve, reviewer, comment = None, "", f"no answer within gate.approval_timeout={timeout} s"
-    return t.apply_approval(config, registered, approve, reviewer, comment)
+        answer = None
+    finally:
+        timer.cancel()
+        timer.join()  # a rejection already under way settles `expired` first
+    if answer is None or expired.is_set():
+        return t.apply_approval(config, registered, None, "", unanswered)
+    return t.apply_approval(config, registered, answer.approve, answer.reviewer, answer.comment)
 
 
 def run_night(config: NightlyConfig, home: Home, run_name: str) -> dict:

@@ -295,6 +295,22 @@ class MonitorConfig(BaseModel):
         default_factory=lambda: ["rating"],
         description="Columns whose drift alone holds the challenger (the rating distribution above all).",
     )
+    hold_threshold: float = Field(
+        0.21, gt=0.0,
+        description="A hold column holds the challenger when its score reaches this. On MovieLens weeks "
+        "(benchmarks/night_statistics.py) the rating score of ordinary weeks stays <= 0.20 (the highest, a "
+        "week where one user gave a third of the ratings) and inverted ratings score >= 0.23.",
+    )
+    rater_min_ratings: int = Field(
+        100, ge=2,
+        description="A user with at least this many ratings tonight, nearly all of one value, holds the "
+        "challenger (a rating bot; it moves the rating distribution too little to be seen as drift).",
+    )
+    rater_max_share: float = Field(
+        0.95, gt=0.0, le=1.0,
+        description="What 'nearly all' means for monitor.rater_min_ratings: more than this share of the "
+        "user's ratings tonight are one value (MovieLens users with 100+ ratings in a week reach 0.88).",
+    )
     on_drift: Literal["reject", "approve"] = Field(
         "reject", description="A drifting night's challenger is rejected, or held for approval as with "
         "gate.require_approval (an engineer decides in the Prefect UI).",

@@ -20,7 +20,7 @@ disjoint) with its threshold, and a column drifts when its score reaches the thr
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -64,10 +64,14 @@ class DriftRecord:
     current_rows: int
     json: str = ""
     html: str = ""
+    # Tonight's one-value raters (`one_value_raters`), e.g. "user 7: 500 ratings, 100% 5".
+    raters: list[str] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
-        """MLflow metrics: drift.share and drift.<column> (the pinned method's score)."""
-        return {"drift.share": self.share} | {f"drift.{column}": score for column, score in self.scores.items()}
+        """MLflow metrics: drift.share, drift.<column> (the pinned method's score) and
+        drift.one_value_raters."""
+        return ({"drift.share": self.share, "drift.one_value_raters": float(len(self.raters))}
+                | {f"drift.{column}": score for column, score in self.scores.items()})
 
     def rows(self) -> list[dict]:
         """One row per column for render_table."""
@@ -102,16 +106,20 @@ def measure_drift(reference: pd.DataFrame, current: pd.DataFrame, config: Monito
 
 
 def drift_hold(record: DriftRecord | None, config: MonitorConfig) -> str | None:
-    """Why tonight's challenger must not be promoted automatically, or None: a drifted column
-    of `config.hold_columns` (the rating distribution), or a drifted share above
-    `config.drift_threshold`. The reason names the columns and their scores."""
+    """Why tonight's challenger must not be promoted automatically, or None: a one-value
+    rater, a column of `config.hold_columns` (the rating distribution) scoring at least
+    `config.hold_threshold`, or a drifted share above `config.drift_threshold`. The reason
+    names the raters, or the columns and their scores."""
     if record is None:
         return None
-    named = [c for c in record.drifted if c in config.hold_columns]
+    named = [c for c in record.drifted if c in config.hold_columns and record.scores[c] >= config.hold_threshold]
+    if record.raters:
+        return (f"one-value raters tonight ({', '.join(record.raters)}; monitor.rater_min_ratings "
+                f"{config.rater_min_ratings}, monitor.rater_max_share {config.rater_max_share})")
     if not named and record.share <= config.drift_threshold:
         return None
     scores = ", ".join(f"{c} {record.scores[c]:.3f}" for c in record.drifted)
-    why = (f"{', '.join(named)} drifted" if named
+    why = (f"{', '.join(named)} drifted, score >= monitor.hold_threshold {config.hold_threshold}" if named
            else f"drift share {record.share:.2f} > monitor.drift_threshold {config.drift_threshold}")
     return (f"new events drift from the history ({why}; {record.method} score >= {record.threshold}: "
             f"{scores})")
@@ -123,3 +131,24 @@ def night_drift(events: pd.DataFrame, watermark: int, texts: CatalogTexts, confi
     if reference.empty or current.empty:
         return None
     return measure_drift(reference, current, config)
+
+
+def one_value_raters(new_rows: pd.DataFrame, config: MonitorConfig) -> list[str]:
+    """Users with at least `config.rater_min_ratings` ratings among tonight's rows, more than
+    `config.rater_max_share` of them one value (a rating bot), as "user U: N ratings, S% R"."""
+    counts = new_rows.groupby("user_id")["rating"].size()
+    heavy = new_rows[new_rows["user_id"].isin(counts.index[counts >= config.rater_min_ratings])]
+    found = []
+    for user, ratings in heavy.groupby("user_id")["rating"]:
+        shares = ratings.value_counts(normalize=True)
+        if shares.iloc[0] > config.rater_max_share:
+            found.append(f"user {user}: {len(ratings)} ratings, {shares.iloc[0]:.0%} {shares.index[0]:g}")
+    return found
+
+
+def night_record(events: pd.DataFrame, watermark: int, texts: CatalogTexts, config: MonitorConfig) -> DriftRecord | None:
+    """`night_drift` with tonight's one-value raters (`one_value_raters`) on the record."""
+    record = night_drift(events, watermark, texts, config)
+    if record is not None:
+        record.raters = one_value_raters(events[events["_ingest_seq"] > watermark], config)
+    return record

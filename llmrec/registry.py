@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 import pandas as pd
@@ -588,10 +589,11 @@ def log_comparison(decision: Decision, segments: list[dict], champion_version: s
         mlflow.log_artifact(str(image), "comparison")
 
 
-def compare_versions(name: str, a: str, b: str) -> str:
+def compare_versions(name: str, a: str, b: str, rescore: Callable[[str, str], str] | None = None) -> str:
     """Text comparing versions `a` and `b`: their logged metrics side by side (each measured
     on its own night's rows), and the stored paired comparison where one was gated against
-    the other (same rows, with intervals and segments)."""
+    the other (same rows, with intervals and segments); otherwise `rescore(a, b)`, both
+    scored on the same rows now (`llmrec.compare.paired_comparison`)."""
     client = MlflowClient()
     runs = {}
     for version in (a, b):
@@ -623,6 +625,8 @@ def compare_versions(name: str, a: str, b: str) -> str:
                  "per segment:", "", render_table(stored["segments"], style="text") if stored["segments"] else ""]
     if len(text) == 3:
         text += ["", "neither was gated against the other: no paired comparison on the same rows is stored"]
+        if rescore is not None:
+            text += ["", rescore(a, b)]
     return "\n".join(text)
 
 

@@ -91,6 +91,8 @@ def run_report(run_name: str, batch, curated=None, window=None, trained=None, me
                   f"- {drift.current_rows} new rows against {drift.reference_rows} history rows; method "
                   f"{drift.method}, a column drifts at score >= {drift.threshold}; drifted share {drift.share:.2f}",
                   "", render_table(drift.rows()), ""]
+        if drift.raters:
+            lines += [f"- one-value raters: {'; '.join(drift.raters)}", ""]
     if metrics is not None:
         lines += ["## Challenger vs champion", "", render_table(metrics_rows(metrics)), ""]
     if registered is not None:

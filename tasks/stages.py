@@ -94,7 +94,7 @@ def evaluate(night_window, history: History, events, trained: train.Trained, cha
 
 @task(name="drift", **IN_MEMORY)
 def drift(events, watermark: int, texts, config: NightlyConfig) -> monitor.DriftRecord | None:
-    return monitor.night_drift(events, watermark, texts, config.monitor)
+    return monitor.night_record(events, watermark, texts, config.monitor)
 
 
 @task(name="register-and-gate", **IO_RETRIES, **IN_MEMORY)

@@ -1,9 +1,12 @@
 """Alerts end to end: a real Prefect server and a webhook receiver on 127.0.0.1, the
-automations from `llmrec alerts install`, and nights that fail, are rejected and quarantine
-a file; each delivers exactly one notification naming the night and the reason."""
+automations from `llmrec alerts install`, and nights that fail, crash (the process killed),
+are promoted, drift, are rejected and quarantine a file; each delivers exactly one
+notification naming the night and the reason. Approval: resumed through the API, or
+unanswered until gate.approval_timeout, which rejects."""
 
 import http.server
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -76,6 +79,22 @@ def wait_for(bodies, predicate, count=1, timeout=90):
     return [b for b in bodies if predicate(b)]
 
 
+def tiny_nights(tmp_path, tiny_encoder, seed):
+    """(config, drops, landing, tags): four synthetic daily drops and a nightly config on the
+    tiny random encoder, saved where the flow loads encoders from."""
+    encoder_dir = tmp_path / "tiny-bert"
+    tiny_encoder.model.save_pretrained(encoder_dir)
+    tiny_encoder.tokenizer.save_pretrained(encoder_dir)
+    drops, landing = tmp_path / "drops", tmp_path / "landing"
+    tags = synthetic_drops(drops, users=40, items=60, days=4, seed=seed)
+    config = NightlyConfig(landing=str(landing), home=str(tmp_path / "home"),
+                           model={"encoder": str(encoder_dir), "dim": 8, "max_length": 16},
+                           # As in test_flow_e2e: the tiny random encoder learns with a lighter penalty.
+                           training={"epochs": 6, "lr": 0.01, "l2": 0.05},
+                           gate={"resamples": 200, "small_sample": "ignore"})
+    return config, drops, landing, tags
+
+
 def test_alerts_deliver_one_notification_per_night_event(prefect_api, receiver, tmp_path, tiny_encoder, monkeypatch):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -89,16 +108,7 @@ def test_alerts_deliver_one_notification_per_night_event(prefect_api, receiver, 
         names = install(url)
         assert len(names) == 6 and install(url) == names  # re-installing replaces, never duplicates
 
-        encoder_dir = tmp_path / "tiny-bert"
-        tiny_encoder.model.save_pretrained(encoder_dir)
-        tiny_encoder.tokenizer.save_pretrained(encoder_dir)
-        drops, landing = tmp_path / "drops", tmp_path / "landing"
-        tags = synthetic_drops(drops, users=40, items=60, days=4, seed=1)
-        config = NightlyConfig(landing=str(landing), home=str(tmp_path / "home"),
-                               model={"encoder": str(encoder_dir), "dim": 8, "max_length": 16},
-                               # As in test_flow_e2e: the tiny random encoder learns with a lighter penalty.
-                               training={"epochs": 6, "lr": 0.01, "l2": 0.05},
-                               gate={"resamples": 200, "small_sample": "ignore"})
+        config, drops, landing, tags = tiny_nights(tmp_path, tiny_encoder, seed=1)
 
         # A forced failure: the landing folder does not exist.
         with pytest.raises(LlmrecError, match="does not exist"):
@@ -114,6 +124,8 @@ def test_alerts_deliver_one_notification_per_night_event(prefect_api, receiver, 
         assert first["decision"]["promote"], first["decision"]["reason"]
         [quarantined] = wait_for(bodies, lambda b: b.startswith("llmrec.data.quarantined"))
         assert first["run"] in quarantined and "corrupt.parquet" in quarantined
+        [promoted] = wait_for(bodies, lambda b: b.startswith("llmrec.night.promoted"))
+        assert f"| night {first['run']} |" in promoted and "Promoted: first model" in promoted
 
         # Night 2: inverted ratings, rejected (the drift holds it).
         copy_drop(drops, tags[3], landing)
@@ -126,10 +138,14 @@ def test_alerts_deliver_one_notification_per_night_event(prefect_api, receiver, 
         assert not second["decision"]["promote"]
         [rejected] = wait_for(bodies, lambda b: b.startswith("llmrec.night.rejected"))
         assert second["run"] in rejected and "Rejected" in rejected
+        [drift] = wait_for(bodies, lambda b: b.startswith("llmrec.data.drift"))
+        assert f"| night {second['run']} |" in drift and "rating drifted" in drift
 
     assert sum(b.startswith("llmrec.night.failed") for b in bodies) == 1
     assert sum(b.startswith("llmrec.data.quarantined") for b in bodies) == 1
     assert sum(b.startswith("llmrec.night.rejected") for b in bodies) == 1
+    assert sum(b.startswith("llmrec.night.promoted") for b in bodies) == 1
+    assert sum(b.startswith("llmrec.data.drift") for b in bodies) == 1
 
 
 def test_approval_pauses_the_night_and_a_resume_through_the_api_promotes(prefect_api, tmp_path, tiny_encoder,
@@ -146,15 +162,7 @@ def test_approval_pauses_the_night_and_a_resume_through_the_api_promotes(prefect
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    encoder_dir = tmp_path / "tiny-bert"
-    tiny_encoder.model.save_pretrained(encoder_dir)
-    tiny_encoder.tokenizer.save_pretrained(encoder_dir)
-    drops, landing = tmp_path / "drops", tmp_path / "landing"
-    tags = synthetic_drops(drops, users=40, items=60, days=4, seed=2)
-    config = NightlyConfig(landing=str(landing), home=str(tmp_path / "home"),
-                           model={"encoder": str(encoder_dir), "dim": 8, "max_length": 16},
-                           training={"epochs": 6, "lr": 0.01, "l2": 0.05},
-                           gate={"resamples": 200, "small_sample": "ignore"})
+    config, drops, landing, tags = tiny_nights(tmp_path, tiny_encoder, seed=2)
     with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
         for tag in tags[:3]:
             copy_drop(drops, tag, landing)
@@ -194,3 +202,91 @@ def test_approval_pauses_the_night_and_a_resume_through_the_api_promotes(prefect
     changes = registry.champion_history(config.registered_model)
     assert list(changes["how"]) == ["promotion", "approval"]
     assert changes["why"].iloc[-1] == "approved by alice: checked the segments"
+
+
+def test_approval_timeout_rejects_the_waiting_version(prefect_api, tmp_path, tiny_encoder, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.nightly import nightly_retrain
+    from llmrec import registry
+    from llmrec.config import Home
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config, drops, landing, tags = tiny_nights(tmp_path, tiny_encoder, seed=2)
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
+        for tag in tags[:3]:
+            copy_drop(drops, tag, landing)
+        assert nightly_retrain(config=config)["decision"]["promote"]
+        copy_drop(drops, tags[3], landing)
+        # Nobody answers: the shortest timeout the config accepts.
+        unanswered = config.model_copy(update={"gate": config.gate.model_copy(update={"require_approval": True,
+                                                                                      "approval_timeout": 10})})
+        started = time.monotonic()
+        state = nightly_retrain(config=unanswered, return_state=True)
+        result = state.result()
+        # The night rejected its own form in time: the run completes (an expired pause fails it).
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(state.state_details.flow_run_id)
+    assert run.state_type == StateType.COMPLETED, run.state
+    assert time.monotonic() - started >= 10
+    decision = result["decision"]
+    assert not decision["promote"] and decision["alias"] == "challenger"
+    assert decision["reason"].startswith("Rejected: timed out (no answer within gate.approval_timeout=10 s)")
+    registry.configure(Home(config.home), config.experiment)
+    waited = registry.get_alias(config.registered_model, "challenger")
+    assert waited.version == result["version"]
+    assert waited.tags["approval"] == "timed out" and waited.tags["decision"] == "rejected"
+    assert registry.get_alias(config.registered_model, "champion").version != result["version"]
+    assert list(registry.champion_history(config.registered_model)["how"]) == ["promotion"]
+
+
+CRASHING_NIGHT = """
+import sys
+from flows.nightly import nightly_retrain
+from llmrec.config import NightlyConfig
+nightly_retrain(config=NightlyConfig.model_validate_json(sys.argv[1]))
+"""
+
+
+def test_a_killed_night_delivers_one_crash_notification(prefect_api, receiver, tmp_path, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from app.alerts import install
+    from llmrec.config import Home
+    from llmrec.lock import exclusive
+
+    url, bodies = receiver
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    config = NightlyConfig(landing=str(tmp_path / "landing"), home=str(tmp_path / "home"), lock_wait=600)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"PREFECT_API_URL": prefect_api}
+    running = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])))
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
+        install(url)
+        # The night waits for the home's lock, which this test holds: a run in progress to kill.
+        with exclusive(Home(config.home)):
+            night = subprocess.Popen([sys.executable, "-c", CRASHING_NIGHT, config.model_dump_json()], env=env,
+                                     cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+            try:
+                with get_client(sync_client=True) as client:
+                    for _ in range(240):
+                        runs = client.read_flow_runs(flow_run_filter=running)
+                        if runs:
+                            break
+                        assert night.poll() is None, "the night ended before it could be killed"
+                        time.sleep(0.5)
+                [run] = runs
+                night.send_signal(signal.SIGTERM)
+                night.wait(timeout=60)
+            finally:
+                if night.poll() is None:
+                    night.kill()
+        crashed = wait_for(bodies, lambda b: b.startswith("prefect.flow-run.Crashed"))
+    assert crashed == [f"prefect.flow-run.Crashed | flow run {run.name} | "
+                       "Execution was aborted by a termination signal."]
+    assert not [b for b in bodies if b.startswith("llmrec.night.failed") and run.name in b]

@@ -105,3 +105,42 @@ def test_trend_history_table_and_png(tmp_path, monkeypatch):
         assert (tmp_path / "trend.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+def test_one_value_raters_are_named_and_hold_the_challenger():
+    from llmrec.ingest import IngestResult
+    from llmrec.monitor import DriftRecord, night_record, one_value_raters
+    from llmrec.report import run_report
+
+    def bot(frame):
+        rows = pd.DataFrame({"user_id": ["bot"] * 120 + ["fan"] * 120 + ["few"] * 50,
+                             "item_id": [str(i) for i in range(120)] * 2 + [str(i) for i in range(50)],
+                             "rating": [5.0] * 120 + [5.0] * 100 + [4.0] * 20 + [1.0] * 50, "_ingest_seq": 2})
+        return pd.concat([frame, rows], ignore_index=True)
+
+    events = nights(tonight=bot)
+    config = MonitorConfig()
+    # "fan" is 83% 5.0, "few" has too few ratings to judge; only "bot" is flagged.
+    assert one_value_raters(events[events["_ingest_seq"] == 2], config) == ["user bot: 120 ratings, 100% 5"]
+    record = night_record(events, 1, TEXTS, config)
+    assert record.raters == ["user bot: 120 ratings, 100% 5"] and record.metrics()["drift.one_value_raters"] == 1.0
+    assert drift_hold(record, config) == ("one-value raters tonight (user bot: 120 ratings, 100% 5; "
+                                          "monitor.rater_min_ratings 100, monitor.rater_max_share 0.95)")
+    tonight = events[events["_ingest_seq"] == 2]
+    assert one_value_raters(tonight, MonitorConfig(rater_max_share=1.0)) == []
+    assert one_value_raters(tonight, MonitorConfig(rater_min_ratings=50)) == [
+        "user bot: 120 ratings, 100% 5", "user few: 50 ratings, 100% 1"]
+    quiet = DriftRecord("jensenshannon", 0.1, {"rating": 0.02}, [], 0.0, 10, 10)
+    assert drift_hold(quiet, config) is None
+    assert "- one-value raters: user bot: 120 ratings, 100% 5" in run_report("r", IngestResult([], [], 0), drift=record)
+    assert "one-value raters" not in run_report("r", IngestResult([], [], 0), drift=quiet)
+
+
+def test_the_rating_column_holds_only_from_the_hold_threshold():
+    from llmrec.monitor import DriftRecord
+
+    record = DriftRecord("jensenshannon", 0.1, {"rating": 0.15, "new_item": 0.3}, ["rating", "new_item"], 0.5, 10, 10)
+    assert drift_hold(record, MonitorConfig()) is None  # drifted (>= 0.1) but below hold_threshold 0.21
+    reason = drift_hold(record, MonitorConfig(hold_threshold=0.15))
+    assert reason.startswith("new events drift from the history (rating drifted, score >= monitor.hold_threshold 0.15;")
+    assert "rating 0.150, new_item 0.300" in reason
