@@ -1,6 +1,6 @@
 """Ingest, validation and curation of one big landing events file (issue 14, item 4).
 
-    .venv/bin/python benchmarks/ingest_volume.py            # a 5,000,000-row file, then 1M in one batch
+    .venv/bin/python benchmarks/ingest_volume.py            # a 5,000,000-row file in batches, then in one batch
     .venv/bin/python benchmarks/ingest_volume.py --quick    # 200,000 rows in batches of 50k, then in one batch
 
 A synthetic events file (MovieLens-25M-sized catalog: 160,000 users, 60,000 items with
@@ -8,9 +8,9 @@ texts, which land with it) is written into a fresh landing, one row group per da
 fresh LLMREC_HOME ingests it: `ingest.ingest` (listing, streamed checksum, Parquet footers)
 then `curate.validate_and_curate` (the Great Expectations suites on every record batch of
 `--batch-rows` rows, the duplicate check, the curated day files written batch by batch).
-Each run is a fresh process, so its peak RSS is its own. The second run reads its whole
+Each run is a fresh process, so its peak RSS is its own. The second run reads the whole
 file in one batch, as ingestion did before it streamed (the whole file as one frame, one
-GX run over it), on a file small enough for that to fit.
+GX run over it; before, the file's bytes were held too).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import common  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-FULL = dict(runs=[(5_000_000, None), (1_000_000, 1_000_000)], users=160_000, items=60_000, per_day=500_000)
+FULL = dict(runs=[(5_000_000, None), (5_000_000, 5_000_000)], users=160_000, items=60_000, per_day=500_000)
 QUICK = dict(runs=[(200_000, 50_000), (200_000, 200_000)], users=8_000, items=3_000, per_day=50_000)
 
 
@@ -98,7 +98,7 @@ def main() -> None:
     from llmrec.ingest import BATCH_ROWS
 
     p = common.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", help="events rows of each run's file (default 5M 1M; quick 200k 200k)")
+    p.add_argument("--sizes", type=int, nargs="+", help="events rows of each run's file (default 5M 5M; quick 200k 200k)")
     p.add_argument("--batch-rows", type=int, nargs="+",
                    help=f"rows per batch of each run (default {BATCH_ROWS:,}, then the whole file; quick 50k, 200k)")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()), help="where landings and homes are built")
