@@ -107,11 +107,12 @@ class Replay:
         return History([footer(str(path))])
 
     def gate(self, window, upto, trained, champion: Champion, config: NightlyConfig):
-        metrics = evaluate_models(window, self.history(upto), upto, trained.checkpoint, champion.checkpoint,
+        history = self.history(upto)
+        metrics = evaluate_models(window, history, trained.checkpoint, champion.checkpoint,
                                   self.cache, self.texts, config)
         decision = decide(metrics["challenger"], metrics["champion"], metrics["global_mean"], config.gate,
                           metrics["samples"])
-        drift = night_record(upto, champion.ingest_watermark, self.texts, config.monitor) if champion.version else None
+        drift = night_record(history, champion.ingest_watermark, self.texts, config.monitor) if champion.version else None
         return hold_for_drift(decision, drift_hold(drift, config.monitor)), metrics
 
     def truth(self, challenger, champion: Champion, night: int) -> str | None:

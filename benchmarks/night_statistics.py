@@ -89,8 +89,8 @@ def main() -> None:
                                 night_events[night_events["_ingest_seq"] == night])
                     known = new[new["user_id"].isin(old["user_id"]) & new["item_id"].isin(old["item_id"])]
                     mse, rho = fit(scorer, known)
-                    drift = night_drift(night_events[night_events["_ingest_seq"] <= night], night - 1, texts,
-                                        config.monitor)
+                    drift = night_drift(replay.history(night_events[night_events["_ingest_seq"] <= night]), night - 1,
+                                        texts, config.monitor)
                     rows.append({"night": night, "kind": kind, "known rows": len(known), "mse ratio": mse / own,
                                  "spearman": rho, "rating": drift.scores["rating"],
                                  "top mode share": top_mode_share(new, config.monitor.rater_min_ratings)})

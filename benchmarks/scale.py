@@ -86,8 +86,8 @@ def landing_read(kind: str, name: str, frame: pd.DataFrame):
     from llmrec.ingest import LandingFile, LandingRead
 
     checksum = hashlib.sha256(f"{kind}/{name}/{len(frame)}".encode()).hexdigest()
-    return LandingRead(LandingFile(name=f"{kind}/{name}.parquet", kind=kind, size=0, mtime_ns=0,
-                                   uri=f"history://{kind}/{name}.parquet"), {}, checksum, frame)
+    return LandingRead.in_memory(LandingFile(name=f"{kind}/{name}.parquet", kind=kind, size=0, mtime_ns=0,
+                                             uri=f"history://{kind}/{name}.parquet"), checksum, frame)
 
 
 def write_history(home, catalog: Catalog, total: int, per_night: int) -> int:

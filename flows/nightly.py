@@ -135,11 +135,11 @@ def run_night(config: NightlyConfig, home: Home, run_name: str) -> dict:
                       note="No new rows tonight: nothing trained, nothing registered.")
     text_encoder = t.load_encoder(config.model.encoder)
     champion = t.load_champion(home, config.registered_model, text_encoder)
-    texts, history, events = t.read_curated(home)
+    texts, history = t.read_curated(home)
     cache = TextCache.for_model(home.cache, text_encoder, champion.model_config(config.model))
     progress.info("%s load: champion %s, %d events, %d items", run_name,
                   f"v{champion.version}" if champion.version else "none (first model)", history.rows, len(texts.items))
-    drift = t.drift(events, champion.ingest_watermark, texts, config) if champion.version else None
+    drift = t.drift(history, champion.ingest_watermark, texts, config) if champion.version else None
     if drift is not None:
         progress.info("%s drift: share %.2f, drifted %s", run_name, drift.share, ", ".join(drift.drifted) or "none")
         drifting = drift_hold(drift, config.monitor)
@@ -154,7 +154,7 @@ def run_night(config: NightlyConfig, home: Home, run_name: str) -> dict:
     trained = t.fine_tune(champion, cache, texts, window, config, home, run_name)
     progress.info("%s fine-tune: step %d -> %d, last epoch loss %.4f", run_name, trained.start_step,
                   trained.global_step, trained.result.epoch_losses[-1])
-    metrics = t.evaluate(window, history, events, trained, champion, cache, texts, config)
+    metrics = t.evaluate(window, history, trained, champion, cache, texts, config)
     held_out = metrics["challenger"].get("held_out", {})
     progress.info("%s evaluate: held-out rmse %.4f, recall@%d %.4f", run_name, held_out.get("rmse", float("nan")),
                   config.evaluation.k, held_out.get(f"recall_at_{config.evaluation.k}", float("nan")))

@@ -5,11 +5,10 @@ entry of the same batch, are dropped as duplicates and counted."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 
-import pandas as pd
+import pyarrow as pa
 
 from llmrec import ingest
 from llmrec.config import Home
@@ -48,35 +47,12 @@ def event_rows(reads) -> int:
     return sum(r.rows for r in reads if r.file.kind == EVENTS)
 
 
-def event_keys(events: pd.DataFrame) -> pd.MultiIndex:
-    """(user_id, item_id, timestamp in UTC nanoseconds) of each row, comparable across
-    files whatever their timestamp unit."""
-    stamps = pd.to_datetime(events["timestamp"], utc=True).dt.as_unit("ns").astype("int64")
-    return pd.MultiIndex.from_arrays([events["user_id"].astype(str).to_numpy(), events["item_id"].astype(str).to_numpy(),
-                                      stamps.to_numpy()])
-
-
-def drop_duplicates(reads: list[ingest.LandingRead], curated: pd.DataFrame) -> list[ingest.LandingRead]:
-    """Each events read without the rows whose key is in `curated` or in an earlier read
-    of `reads`; the count dropped goes to the read's `duplicates`."""
-    seen = event_keys(curated)
-    out = []
-    for read in reads:
-        if read.file.kind != EVENTS:
-            out.append(read)
-            continue
-        keys = event_keys(read.frame)
-        repeated = keys.isin(seen)
-        seen = seen.append(keys[~repeated])
-        fresh = read.frame[~repeated].reset_index(drop=True)
-        out.append(dataclasses.replace(read, frame=fresh, duplicates=int(repeated.sum())))
-    return out
-
-
-def validate_and_curate(home: Home, batch: ingest.IngestResult, fail_on_invalid: bool = False) -> CurateResult:
+def validate_and_curate(home: Home, batch: ingest.IngestResult, fail_on_invalid: bool = False,
+                        batch_rows: int = ingest.BATCH_ROWS) -> CurateResult:
     """Validate every new entry; quarantine the failures; append the rest, without duplicate
     event rows, to the curated data. Catalog files are checked first so events may
-    reference items arriving with them."""
+    reference items arriving with them. Events entries are validated and written
+    `batch_rows` rows at a time."""
     manifest = ingest.read_manifest(home)
     seq = ingest.next_ingest_seq(manifest)
     validator = Validator(home.gx)
@@ -84,15 +60,13 @@ def validate_and_curate(home: Home, batch: ingest.IngestResult, fail_on_invalid:
     known_items = set(ingest.read_catalog(home, ITEMS)["item_id"].astype(str))
     for kind in (ITEMS, USERS, EVENTS):
         for read in (r for r in batch.reads if r.file.kind == kind):
-            if read.frame is None:
-                result = validator.unreadable(read.file.uri, kind, read.error)
-            else:
-                result = validator.validate(read.frame, kind, read.file.uri, known_items if kind == EVENTS else None)
+            result = validate_read(validator, read, known_items, batch_rows)
             if kind == ITEMS and result.success:
                 known_items |= set(read.frame["item_id"].astype(str))
             results.append((read, result))
+    rows_in = event_rows(r for r, _ in results)
     failed = [(read, result) for read, result in results if not result.success]
-    quarantined = [(read, str(quarantine(result, read.contents, home.quarantine, read.checksum)))
+    quarantined = [(read, str(quarantine(result, read.openers(), home.quarantine, read.checksum)))
                    for read, result in failed]
     validation_markdown = report_markdown([result for _, result in results])
     for read, result in failed:
@@ -103,9 +77,8 @@ def validate_and_curate(home: Home, batch: ingest.IngestResult, fail_on_invalid:
             f"{len(failed)} landing file(s) failed validation and fail_on_invalid is set; nothing was curated:\n"
             + "\n".join(f"{r.file.name}: {res.summary()}" for r, res in failed)
         )
-    accepted = drop_duplicates([read for read, result in results if result.success],
-                               ingest.read_event_keys(home))
-    ingest.curate(home, accepted, quarantined, seq)
+    accepted = [read for read, result in results if result.success]
+    ingest.curate(home, accepted, quarantined, seq, batch_rows)
     duplicates = sum(r.duplicates for r in accepted)
     if duplicates:
         log.warning("dropped %d event row(s) already curated or repeated across tonight's files", duplicates)
@@ -113,10 +86,31 @@ def validate_and_curate(home: Home, batch: ingest.IngestResult, fail_on_invalid:
         ingest_seq=seq,
         files_curated=[r.file.name for r in accepted],
         files_quarantined=[{"file": r.file.name, "quarantine": path} for r, path in quarantined],
-        rows_in=event_rows(r for r, _ in results),
+        rows_in=rows_in,
         rows_curated=event_rows(accepted),
         rows_quarantined=event_rows(r for r, _ in failed),
         rows_duplicate=duplicates,
         validation=[result.to_dict() for _, result in results],
         validation_markdown=validation_markdown,
     )
+
+
+def validate_read(validator: Validator, read: ingest.LandingRead, known_items: set[str], batch_rows: int) -> FileValidation:
+    """One entry's validation: catalogs as one frame, events in record batches (noting the
+    newest timestamp for the manifest). A file that breaks while it is scanned is unreadable."""
+    kind, uri = read.file.kind, read.file.uri
+    if read.dataset is None:
+        return validator.unreadable(uri, kind, read.error)
+
+    def batches():
+        read.max_timestamp = None
+        for frame in read.batches(batch_rows):
+            read.max_timestamp = ingest.later(read.max_timestamp, ingest.newest(frame))
+            yield frame
+
+    try:
+        if kind != EVENTS:
+            return validator.validate(read.frame, kind, uri)
+        return validator.validate_batches(batches, kind, uri, known_items)
+    except (pa.ArrowException, OSError) as error:
+        return validator.unreadable(uri, kind, f"not a readable Parquet {read.file.entry}: {error}")

@@ -225,13 +225,12 @@ def evaluate_sample(scorer: Scorer, rows: pd.DataFrame, trained_pairs: pd.DataFr
 SEGMENTS = ("all", "cold users", "cold items", "heavy users", "long-tail items")
 
 
-def segment_masks(rows: pd.DataFrame, history: pd.DataFrame, evaluation) -> dict[str, np.ndarray]:
-    """Which rows of a part fall in each segment, by the ratings of `history` (every event
-    outside the part): cold users/items have fewer than `cold_ratings`; heavy users are the
-    top `heavy_user_share` of users by ratings; long-tail items are outside the top
+def segment_masks(rows: pd.DataFrame, users: pd.Series, items: pd.Series, evaluation) -> dict[str, np.ndarray]:
+    """Which rows of a part fall in each segment, by `users` and `items`, the ratings per
+    user and per item of every event outside the part (`History.counts`):
+    cold users/items have fewer than `cold_ratings`; heavy users are the top
+    `heavy_user_share` of users by ratings; long-tail items are outside the top
     `head_item_share` of items."""
-    users = history.groupby("user_id").size()
-    items = history.groupby("item_id").size()
     user_count = rows["user_id"].map(users).fillna(0).to_numpy()
     item_count = rows["item_id"].map(items).fillna(0).to_numpy()
     heavy = users.nlargest(max(1, int(round(len(users) * evaluation.heavy_user_share)))).index if len(users) else []
@@ -245,12 +244,13 @@ def segment_masks(rows: pd.DataFrame, history: pd.DataFrame, evaluation) -> dict
     }
 
 
-def segment_rows(part: str, rows: pd.DataFrame, history: pd.DataFrame, samples: dict, evaluation) -> list[dict]:
+def segment_rows(part: str, rows: pd.DataFrame, users: pd.Series, items: pd.Series, samples: dict,
+                 evaluation) -> list[dict]:
     """Per segment of a part: rows, users ranked, and rmse / mae / recall@K of each model
     (recall over the segment's users that were ranked; for item segments it is not defined)."""
     out = []
     recall = f"recall_at_{evaluation.k}"
-    for segment, mask in segment_masks(rows, history, evaluation).items():
+    for segment, mask in segment_masks(rows, users, items, evaluation).items():
         row = {"part": part, "segment": segment, "rows": int(mask.sum())}
         users = pd.Index(rows.loc[mask, "user_id"].unique())
         # Both models rank the same users; item segments mix users, recall is not split by item.
@@ -270,15 +270,15 @@ def global_mean_metrics(mean: float, rows: pd.DataFrame) -> dict[str, float]:
     return rating_metrics(truth, np.full(len(truth), mean))
 
 
-def evaluate_models(window: Window, history: History, events: pd.DataFrame, challenger: Checkpoint,
-                    champion: Checkpoint | None, cache: TextCache, texts: CatalogTexts, config: NightlyConfig) -> dict:
+def evaluate_models(window: Window, history: History, challenger: Checkpoint, champion: Checkpoint | None,
+                    cache: TextCache, texts: CatalogTexts, config: NightlyConfig) -> dict:
     """Score challenger and champion on the same held-out rows, plus the global-mean
     predictor: {"challenger": {part: metrics}, "champion": ... or None, "global_mean": ...,
     "samples": {part: {"challenger": Sample, "champion": Sample (when there is one)}},
     "segments": [one row per part and segment, see `segment_rows`]}.
     Candidates for ranking exclude every pair in the curated `history` outside the part
-    itself; only the events of the users ranked are read. The segments still count ratings
-    over all of `events` (the whole history as a frame)."""
+    itself; only the events of the users ranked are read. The segments count ratings per
+    user and per item over the history outside the part, in scans of one column."""
     parts = {"held_out": window.held_out, "anchor": window.anchor}
     eval_rows = pd.concat(parts.values(), ignore_index=True)
     samples: dict[str, dict] = {part: {} for part, rows in parts.items() if not rows.empty}
@@ -305,5 +305,5 @@ def evaluate_models(window: Window, history: History, events: pd.DataFrame, chal
         "samples": samples,
     }
     result["segments"] = [row for part, rows in parts.items() if not rows.empty
-                          for row in segment_rows(part, rows, without(events, rows), samples[part], config.evaluation)]
+                          for row in segment_rows(part, rows, *history.counts(rows), samples[part], config.evaluation)]
     return result

@@ -11,6 +11,10 @@ and day, every row of a file carrying the ingest sequence it arrived in. A night
                                                          drawn positions
     seen pairs   (user, item) pairs of the users ranked  a filtered scan: only the
                                                          matching rows are materialised
+    segments     ratings per user and per item           a streamed scan of one column,
+                                                         counted batch by batch
+    drift        first night and ratings per night of    a streamed scan of two columns,
+                 the users and items of a sample         filtered to those users/items
 
 so its memory grows with tonight's rows and the sample, not with the history, and its
 time with the history only through streamed scans of a few columns.
@@ -27,9 +31,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from llmrec.config import Home
-from llmrec.schema import empty_events
+from llmrec.schema import EVENT_KEY, empty_events
 
 SEQ = "_ingest_seq"
+# Rows per record batch of the counting scans.
+SCAN_ROWS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,53 @@ class History:
             return self.empty()[list(columns)]
         table = dataset.to_table(columns=list(columns), filter=pc.field("user_id").isin(list(users)))
         return table.to_pandas()
+
+    def counts(self, without: pd.DataFrame | None = None) -> tuple[pd.Series, pd.Series]:
+        """Events per user and per item, each indexed by id in sorted order, counted batch
+        by batch over a scan of the two id columns; the events whose key is in `without`
+        (a part being evaluated) are not counted."""
+        totals = {column: pd.Series(dtype="int64") for column in ("user_id", "item_id")}
+        dataset = self._dataset(self.files)
+        if dataset is not None:
+            for batch in dataset.to_batches(columns=list(totals), batch_size=SCAN_ROWS):
+                for column in totals:
+                    counted = pc.value_counts(batch.column(column))
+                    totals[column] = totals[column].add(pd.Series(counted.field("counts").to_numpy(),
+                                                                  index=counted.field("values").to_pandas()),
+                                                        fill_value=0)
+        present = None
+        if without is not None and len(without):
+            present = self.pairs(without["user_id"].unique(), EVENT_KEY).merge(without[EVENT_KEY].drop_duplicates(),
+                                                                             on=EVENT_KEY)
+        for column, total in totals.items():
+            if present is not None:
+                total = total.sub(present[column].value_counts(), fill_value=0)
+            totals[column] = total[total > 0].astype("int64").sort_index().rename_axis(column)
+        return totals["user_id"], totals["item_id"]
+
+    def activity(self, column: str, rows: pd.DataFrame, watermark: int) -> tuple[pd.DataFrame, pd.Series]:
+        """What the history holds about the values of `column` (user_id or item_id) found in
+        `rows` (which carry `_ingest_seq`), from a scan of that column and the ingest
+        sequence filtered to those values, aggregated batch by batch: per value, its first
+        ingest sequence (`first`) and its events up to `watermark` (`older`); per (value,
+        ingest sequence) pair of `rows`, its events."""
+        values = rows[column].unique()
+        pairs = pd.MultiIndex.from_frame(rows[[column, SEQ]].drop_duplicates())
+        per_value, per_pair = [], []
+        dataset = self._dataset(self.files)
+        if dataset is not None and len(values):
+            scan = dataset.to_batches(columns=[column, SEQ], filter=pc.field(column).isin(list(values)),
+                                      batch_size=SCAN_ROWS)
+            for batch in scan:
+                frame = batch.to_pandas().assign(older=lambda f: f[SEQ] <= watermark)
+                per_value.append(frame.groupby(column).agg(first=(SEQ, "min"), older=("older", "sum")))
+                counted = frame.groupby([column, SEQ]).size()
+                per_pair.append(counted[counted.index.isin(pairs)])
+        if not per_value:
+            empty = pd.DataFrame({"first": pd.Series(dtype="int64"), "older": pd.Series(dtype="int64")})
+            return empty, pd.Series(dtype="int64")
+        first = pd.concat(per_value).groupby(level=0).agg({"first": "min", "older": "sum"})
+        return first, pd.concat(per_pair).groupby(level=[0, 1]).sum()
 
     @staticmethod
     def empty() -> pd.DataFrame:

@@ -1,17 +1,22 @@
-"""Ingestion: find landing files not yet ingested, read them, and append the valid ones to
+"""Ingestion: find landing files not yet ingested, open them, and append the valid ones to
 the curated dataset with a manifest entry each.
 
 The landing folder is read through pyarrow's filesystem layer, so a local path and an
 object-store URI (s3://, gs://, file://) go through the same code. Nothing in landing is
-ever modified or deleted. Curated events are Parquet partitioned by event date; every
-write goes to a temp file first and is renamed into place.
+ever modified or deleted. An entry is never held in memory whole: its checksum streams its
+bytes, and its rows are scanned in record batches of `BATCH_ROWS` (validated, then written
+batch by batch). Curated events are Parquet partitioned by event date; every file is
+written under a hidden staging name first and renamed into place once the entry is whole.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import io
 import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +31,7 @@ import pyarrow.parquet as pq
 from llmrec.config import Home
 from llmrec.errors import LlmrecError
 from llmrec.files import bounded_name, replace_atomically
-from llmrec.schema import EVENTS, ITEMS, KINDS, USERS, CatalogTexts, empty_events, render_text
+from llmrec.schema import EVENT_KEY, EVENTS, ITEMS, KINDS, USERS, CatalogTexts, empty_events, render_text
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,13 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 FILE, FOLDER, OTHER = "file", "folder", "other"
+# Rows of a landing entry in memory at a time while it is validated and curated. Each batch
+# costs a fixed few seconds of Great Expectations on top of its rows (docs/benchmarks.md:
+# 5M rows took 89 s and peaked at 1.8 GiB in batches of 1M; 78 s and 4.3 GiB in one batch;
+# 2.6x the time and 1.3 GiB in batches of 250k).
+BATCH_ROWS = 1_000_000
+# Bytes read at a time for a checksum or a quarantine copy.
+CHUNK_BYTES = 8 << 20
 
 
 def ignored_name(name: str) -> bool:
@@ -90,20 +102,59 @@ class LandingFile:
 
 @dataclass
 class LandingRead:
-    """One landing entry read into memory: its bytes by name (for the checksum and, if it
-    fails validation, the quarantine copy) and its rows, or why it could not be read."""
+    """One landing entry opened: its checksum, its data files by name (for the quarantine
+    copy) and its rows as a dataset scanned in record batches, or why it could not be read."""
 
     file: LandingFile
-    contents: dict[str, bytes]
     checksum: str
-    frame: pd.DataFrame | None
+    dataset: ds.Dataset | None
     error: str | None = None
-    # Event rows left out of `frame` because their key was already curated.
+    fs: pafs.FileSystem | None = field(default=None, repr=False)
+    # Name inside the entry (as the quarantine copy names it) -> path in the landing.
+    members: dict[str, str] = field(default_factory=dict)
+    total_rows: int = 0
+    # Event rows not curated because their key was already curated.
     duplicates: int = 0
+    # Newest event timestamp: of every row once validated, of the rows curated once curated.
+    max_timestamp: pd.Timestamp | None = None
+
+    @classmethod
+    def in_memory(cls, file: LandingFile, checksum: str, frame: pd.DataFrame) -> "LandingRead":
+        """Rows that are already a frame (a benchmark's synthetic history)."""
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        return cls(file, checksum, ds.dataset(table), total_rows=len(frame))
 
     @property
     def rows(self) -> int:
-        return 0 if self.frame is None else len(self.frame)
+        return self.total_rows - self.duplicates
+
+    @functools.cached_property
+    def frame(self) -> pd.DataFrame | None:
+        """Every row at once: for the catalogs, whose ids are checked unique over the whole
+        file and merged into one catalog file anyway."""
+        return None if self.dataset is None else self.dataset.to_table().to_pandas()
+
+    def batches(self, batch_rows: int = BATCH_ROWS) -> Iterator[pd.DataFrame]:
+        """The rows in order, `batch_rows` at a time (the last batch shorter); one empty
+        frame with the entry's columns when it has no rows, so every check still runs once."""
+        pending: list[pa.RecordBatch] = []
+        held = 0
+        yielded = False
+        scan = self.dataset.to_batches(batch_size=batch_rows, batch_readahead=1, fragment_readahead=1)
+        for batch in scan:
+            pending.append(batch)
+            held += batch.num_rows
+            while held >= batch_rows:
+                table = pa.Table.from_batches(pending, schema=self.dataset.schema)
+                yield table.slice(0, batch_rows).to_pandas()
+                pending, held = table.slice(batch_rows).to_batches(), held - batch_rows
+                yielded = True
+        if held or not yielded:
+            yield pa.Table.from_batches(pending, schema=self.dataset.schema).to_pandas()
+
+    def openers(self) -> dict[str, Callable]:
+        """Per data file, a function opening it as a stream (for the quarantine copy)."""
+        return {name: functools.partial(self.fs.open_input_stream, path) for name, path in self.members.items()}
 
 
 @dataclass
@@ -234,56 +285,68 @@ def discover(fs: pafs.FileSystem, files: list[LandingFile], manifest: pd.DataFra
         same += 1
         if not moved or file.entry == OTHER:
             continue
-        checksum = entry_checksum(read_contents(fs, file))
+        checksum = entry_checksum(fs, file)
         if checksum != entry.checksum:
             changed.append({"file": file.name, "ingested_checksum": entry.checksum, "checksum_now": checksum,
                             "ingested_size": int(entry.size), "size_now": file.size})
     return Discovery(new=new, changed=changed, already_ingested=same)
 
 
-def read_contents(fs: pafs.FileSystem, file: LandingFile) -> dict[str, bytes]:
-    """The bytes of a file (under its own name) or of each data file of a folder (under
-    `folder/inner/path`)."""
+def entry_members(file: LandingFile) -> dict[str, str]:
+    """The data file of a file entry (under its own name) or of each member of a folder
+    (under `folder/inner/path`), by name -> path."""
     base = file.name.split("/", 1)[1]
     if file.entry == FILE:
-        with fs.open_input_stream(file.path) as stream:
-            return {base: stream.read()}
-    contents = {}
-    for path, inner, _, _ in file.members:
-        with fs.open_input_stream(path) as stream:
-            contents[f"{base}/{inner}"] = stream.read()
-    return contents
+        return {base: file.path}
+    return {f"{base}/{inner}": path for path, inner, _, _ in file.members}
 
 
 def sha256(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def entry_checksum(contents: dict[str, bytes]) -> str:
+def file_sha256(fs: pafs.FileSystem, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as stream:
+        while chunk := stream.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def entry_checksum(fs: pafs.FileSystem, file: LandingFile) -> str:
     """A file's sha256; for a folder, the sha256 of its members' names and sha256s."""
-    if len(contents) == 1 and "/" not in next(iter(contents)):
-        return sha256(next(iter(contents.values())))
-    return sha256("".join(f"{name}\0{sha256(raw)}\n" for name, raw in sorted(contents.items())).encode())
+    if file.entry == FILE:
+        return file_sha256(fs, file.path)
+    members = sorted(entry_members(file).items())
+    return sha256("".join(f"{name}\0{file_sha256(fs, path)}\n" for name, path in members).encode())
 
 
 def read_landing_file(fs: pafs.FileSystem, file: LandingFile) -> LandingRead:
-    """Read one entry; whatever goes wrong becomes the read's `error` (it is quarantined
-    with that reason), never an exception that would stop this night and every later one."""
+    """Open one entry: checksum and Parquet footers, no rows yet. Whatever goes wrong
+    becomes the read's `error` (it is quarantined with that reason), never an exception
+    that would stop this night and every later one."""
     if file.entry == OTHER:
-        return LandingRead(file, {}, "", None, "not a regular file or folder; nothing was read")
+        return LandingRead(file, "", None, "not a regular file or folder; nothing was read")
+    members = entry_members(file)
+    if not members:
+        return LandingRead(file, "", None, "folder holds no data files")
     try:
-        contents = read_contents(fs, file)
+        checksum = entry_checksum(fs, file)
     except OSError as error:
-        return LandingRead(file, {}, "", None, f"cannot read ({error})")
-    if not contents:
-        return LandingRead(file, {}, "", None, "folder holds no data files")
-    checksum = entry_checksum(contents)
+        return LandingRead(file, "", None, f"cannot read ({error})")
+    schemas, rows = [], 0
     try:
-        tables = [pq.read_table(io.BytesIO(raw)) for raw in contents.values()]
-        frame = pa.concat_tables(tables, promote_options="permissive").to_pandas()
+        for path in members.values():
+            with pq.ParquetFile(path, filesystem=fs) as footer:
+                schemas.append(footer.schema_arrow)
+                rows += footer.metadata.num_rows
+        # Members may differ as far as pyarrow's permissive promotion allows (a column
+        # missing from one reads as nulls, int32 widens to int64).
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+        dataset = ds.dataset(list(members.values()), schema=schema, format="parquet", filesystem=fs)
     except (pa.ArrowException, OSError, ValueError) as error:
-        return LandingRead(file, contents, checksum, None, f"not a readable Parquet {file.entry}: {error}")
-    return LandingRead(file, contents, checksum, frame)
+        return LandingRead(file, checksum, None, f"not a readable Parquet {file.entry}: {error}", fs, members)
+    return LandingRead(file, checksum, dataset, None, fs, members, rows)
 
 
 def next_ingest_seq(manifest: pd.DataFrame) -> int:
@@ -294,10 +357,19 @@ def write_atomic(table: pa.Table, path: Path) -> None:
     replace_atomically(path, lambda tmp: pq.write_table(table, tmp))
 
 
+def newest(frame: pd.DataFrame) -> pd.Timestamp | None:
+    """The newest parseable event timestamp of `frame`, or None."""
+    if "timestamp" not in frame or not len(frame):
+        return None
+    value = pd.to_datetime(frame["timestamp"], utc=True, errors="coerce").max()
+    return None if pd.isna(value) else value
+
+
+def later(a: pd.Timestamp | None, b: pd.Timestamp | None) -> pd.Timestamp | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
 def manifest_entry(read: LandingRead, status: str, seq: int, quarantine_path: str | None = None) -> dict:
-    max_ts = None
-    if read.frame is not None and read.file.kind == EVENTS and "timestamp" in read.frame and len(read.frame):
-        max_ts = pd.to_datetime(read.frame["timestamp"], utc=True, errors="coerce").max()
     return {
         "file": read.file.name,
         "kind": read.file.kind,
@@ -305,7 +377,7 @@ def manifest_entry(read: LandingRead, status: str, seq: int, quarantine_path: st
         "mtime_ns": read.file.mtime_ns,
         "checksum": read.checksum,
         "rows": read.rows,
-        "max_timestamp": None if max_ts is None or pd.isna(max_ts) else max_ts,
+        "max_timestamp": read.max_timestamp if read.file.kind == EVENTS else None,
         "status": status,
         "ingest_seq": seq,
         "ingested_at": datetime.now(timezone.utc),
@@ -325,7 +397,68 @@ def upsert(path: Path, new: pd.DataFrame, id_column: str) -> int:
     return len(merged)
 
 
-def curate(home: Home, accepted: list[LandingRead], quarantined: list[tuple[LandingRead, str]], seq: int) -> pd.DataFrame:
+def event_keys(events: pd.DataFrame) -> pd.MultiIndex:
+    """(user_id, item_id, timestamp in UTC nanoseconds) of each row, comparable across
+    files whatever their timestamp unit."""
+    stamps = pd.to_datetime(events["timestamp"], utc=True).dt.as_unit("ns").astype("int64")
+    return pd.MultiIndex.from_arrays([events["user_id"].astype(str).to_numpy(), events["item_id"].astype(str).to_numpy(),
+                                      stamps.to_numpy()])
+
+
+def curated_keys(home: Home, day: str) -> pd.MultiIndex:
+    """`event_keys` of the events curated for one day (the duplicate check reads only the
+    days a batch touches)."""
+    folder = home.events / f"date={day}"
+    paths = sorted(str(p) for p in folder.glob("*.parquet") if not ignored_name(p.name))
+    if not paths:
+        return event_keys(empty_events())
+    return event_keys(ds.dataset(paths, format="parquet").to_table(columns=EVENT_KEY).to_pandas())
+
+
+def write_events(home: Home, read: LandingRead, seq: int, batch_rows: int = BATCH_ROWS) -> None:
+    """Append one events entry to the curated data batch by batch, without the rows whose
+    key is already curated (an earlier night, or an earlier entry of tonight: each entry
+    is in place before the next is written); their count goes to `read.duplicates`. Each
+    day's rows stream into a hidden staging file, renamed into place once the whole entry
+    is written; a crash leaves staging files, which `set_aside_unrecorded` moves away."""
+    name = bounded_name(f"part-{Path(read.file.name).stem}-{read.checksum[:12]}.parquet")
+    staging = home.events / f".staging-{seq}-{read.checksum[:12]}"
+    shutil.rmtree(staging, ignore_errors=True)
+    writers: dict[str, pq.ParquetWriter] = {}
+    seen: dict[str, pd.MultiIndex] = {}
+    read.duplicates, read.max_timestamp = 0, None
+    try:
+        for events in read.batches(batch_rows):
+            if events.empty:
+                continue
+            events["timestamp"] = pd.to_datetime(events["timestamp"], utc=True)
+            days = events["timestamp"].dt.strftime("%Y-%m-%d")
+            for day in days.unique():
+                if day not in seen:
+                    seen[day] = curated_keys(home, day)
+            known = functools.reduce(pd.MultiIndex.append, [seen[day] for day in days.unique()])
+            repeated = event_keys(events).isin(known)
+            read.duplicates += int(repeated.sum())
+            events, days = events[~repeated], days[~repeated]
+            events["_ingest_seq"] = seq
+            read.max_timestamp = later(read.max_timestamp, newest(events))
+            for day, rows in events.groupby(days):
+                table = pa.Table.from_pandas(rows.reset_index(drop=True), preserve_index=False)
+                if day not in writers:
+                    (staging / f"date={day}").mkdir(parents=True, exist_ok=True)
+                    writers[day] = pq.ParquetWriter(staging / f"date={day}" / name, table.schema)
+                writers[day].write_table(table.cast(writers[day].schema))
+    finally:
+        for writer in writers.values():
+            writer.close()
+    for day in sorted(writers):
+        staged = staging / f"date={day}" / name
+        replace_atomically(home.events / f"date={day}" / name, functools.partial(os.replace, staged))
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def curate(home: Home, accepted: list[LandingRead], quarantined: list[tuple[LandingRead, str]], seq: int,
+           batch_rows: int = BATCH_ROWS) -> pd.DataFrame:
     """Append accepted entries (events without their duplicate rows) to the curated data,
     then record every entry (accepted and quarantined) in the manifest. Data is written
     before the manifest, and partition files are named by content, so a crash in between
@@ -335,15 +468,8 @@ def curate(home: Home, accepted: list[LandingRead], quarantined: list[tuple[Land
         if frames:
             upsert(path, pd.concat(frames, ignore_index=True), id_column)
     for read in accepted:
-        if read.file.kind != EVENTS:
-            continue
-        events = read.frame.copy()
-        events["timestamp"] = pd.to_datetime(events["timestamp"], utc=True)
-        events["_ingest_seq"] = seq
-        stem = Path(read.file.name).stem
-        for day, rows in events.groupby(events["timestamp"].dt.strftime("%Y-%m-%d")):
-            target = home.events / f"date={day}" / bounded_name(f"part-{stem}-{read.checksum[:12]}.parquet")
-            write_atomic(pa.Table.from_pandas(rows.reset_index(drop=True), preserve_index=False), target)
+        if read.file.kind == EVENTS:
+            write_events(home, read, seq, batch_rows)
     entries = [manifest_entry(r, "curated", seq) for r in accepted]
     entries += [manifest_entry(r, "quarantined", seq, path) for r, path in quarantined]
     manifest = read_manifest(home)
@@ -356,24 +482,30 @@ def curate(home: Home, accepted: list[LandingRead], quarantined: list[tuple[Land
 
 def set_aside_unrecorded(home: Home) -> list[str]:
     """Move curated event files whose ingest sequence has no manifest entry (a curate killed
-    between writing data and writing the manifest) to `home/interrupted/`, kept but never
-    read: their landing entries are not in the manifest, so the next curate reads them again,
-    and its duplicate check must not count them against rows it has not recorded."""
+    between writing data and writing the manifest), and the staging folders of an entry
+    killed while it was written, to `home/interrupted/`, kept but never read: their landing
+    entries are not in the manifest, so the next curate reads them again, and its duplicate
+    check must not count them against rows it has not recorded."""
     if not home.events.exists():
         return []
     recorded = set(read_manifest(home)["ingest_seq"].astype(int))
     moved = []
+    for path in sorted(home.events.glob(".staging-*")):
+        moved.append(set_aside(home, path))
     for path in sorted(home.events.rglob("*.parquet")):
-        if ignored_name(path.name):
+        if any(ignored_name(part) for part in path.relative_to(home.events).parts):
             continue
         seqs = set(pq.read_table(path, columns=["_ingest_seq"]).column(0).to_pylist())
-        if seqs <= recorded:
-            continue
-        target = home.interrupted / path.relative_to(home.curated)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        path.replace(target)
-        moved.append(str(path.relative_to(home.curated)))
+        if not seqs <= recorded:
+            moved.append(set_aside(home, path))
     return moved
+
+
+def set_aside(home: Home, path: Path) -> str:
+    target = home.interrupted / path.relative_to(home.curated)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path.replace(target)
+    return str(path.relative_to(home.curated))
 
 
 def read_events(home: Home) -> pd.DataFrame:
@@ -386,15 +518,6 @@ def read_events(home: Home) -> pd.DataFrame:
     columns = [c for c in dataset.schema.names if c != "date"]
     frame = dataset.to_table(columns=columns).to_pandas()
     return frame.sort_values(["timestamp", "user_id", "item_id"], kind="stable").reset_index(drop=True)
-
-
-def read_event_keys(home: Home) -> pd.DataFrame:
-    """(user_id, item_id, timestamp) of every curated event: the duplicate check's input,
-    three columns instead of the whole history."""
-    if not home.events.exists():
-        return empty_events()[["user_id", "item_id", "timestamp"]]
-    dataset = ds.dataset(str(home.events), format="parquet", partitioning="hive")
-    return dataset.to_table(columns=["user_id", "item_id", "timestamp"]).to_pandas()
 
 
 def read_catalog_texts(home: Home) -> CatalogTexts:

@@ -2,7 +2,8 @@
 (an Evidently data-drift report), and whether that drift must hold the challenger back.
 
 Every event row is described by the columns below; tonight's new rows (ingest sequence
-above the champion's watermark) are the current data, the older curated rows the reference.
+above the champion's watermark) are the current data, a seeded uniform sample of the older
+curated rows (`monitor.reference_rows`) the reference.
 
     rating          the rating itself
     user_ratings    ratings the row's user gave in the row's night (heavy raters, bots)
@@ -27,27 +28,35 @@ import numpy as np
 import pandas as pd
 
 from llmrec.config import MonitorConfig
+from llmrec.history import History
 from llmrec.schema import CatalogTexts
 
 NUMERIC = ["rating", "user_ratings", "item_popularity", "text_length"]
 CATEGORICAL = ["new_user", "new_item"]
 
 
-def drift_columns(events: pd.DataFrame, watermark: int, texts: CatalogTexts) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(reference, current): the monitored columns of the history (ingest sequence <=
-    `watermark`) and of tonight's new rows."""
-    seq = events["_ingest_seq"]
-    history = events[seq <= watermark]
-    popularity = history.groupby("item_id").size()
+def drift_columns(history: History, watermark: int, texts: CatalogTexts, reference_rows: int,
+                  seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(reference, current): the monitored columns of a uniform sample of `reference_rows`
+    history rows (ingest sequence <= `watermark`; all of them when there are fewer) and of
+    tonight's new rows. Only those rows are read, plus, for the counts and first nights of
+    their users and items, a scan of two columns filtered to those users and items."""
+    reference = history.sample_older(watermark, reference_rows, seed)
+    current = history.new_rows(watermark)
+    rows = pd.concat([reference, current], ignore_index=True)
+    seq = rows["_ingest_seq"]
+    users, user_nights = history.activity("user_id", rows, watermark)
+    items, _ = history.activity("item_id", rows, watermark)
+    night_of_user = pd.MultiIndex.from_arrays([rows["user_id"], seq])
     frame = pd.DataFrame({
-        "rating": events["rating"].astype(np.float64),
-        "user_ratings": events.groupby(["_ingest_seq", "user_id"])["user_id"].transform("size").astype(np.float64),
-        "item_popularity": np.log1p(events["item_id"].map(popularity).fillna(0.0).astype(np.float64)),
-        "text_length": events["item_id"].map(lambda item: len(texts.items.get(item, ""))).astype(np.float64),
-        "new_user": np.where(events.groupby("user_id")["_ingest_seq"].transform("min") == seq, "yes", "no"),
-        "new_item": np.where(events.groupby("item_id")["_ingest_seq"].transform("min") == seq, "yes", "no"),
-    }, index=events.index)
-    return frame[seq <= watermark].reset_index(drop=True), frame[seq > watermark].reset_index(drop=True)
+        "rating": rows["rating"].astype(np.float64),
+        "user_ratings": user_nights.reindex(night_of_user).to_numpy(dtype=np.float64),
+        "item_popularity": np.log1p(rows["item_id"].map(items["older"]).fillna(0.0).astype(np.float64)),
+        "text_length": rows["item_id"].map(lambda item: len(texts.items.get(item, ""))).astype(np.float64),
+        "new_user": np.where(rows["user_id"].map(users["first"]) == seq, "yes", "no"),
+        "new_item": np.where(rows["item_id"].map(items["first"]) == seq, "yes", "no"),
+    })
+    return frame.iloc[:len(reference)].reset_index(drop=True), frame.iloc[len(reference):].reset_index(drop=True)
 
 
 @dataclass
@@ -125,9 +134,9 @@ def drift_hold(record: DriftRecord | None, config: MonitorConfig) -> str | None:
             f"{scores})")
 
 
-def night_drift(events: pd.DataFrame, watermark: int, texts: CatalogTexts, config: MonitorConfig) -> DriftRecord | None:
+def night_drift(history: History, watermark: int, texts: CatalogTexts, config: MonitorConfig) -> DriftRecord | None:
     """Tonight's drift record; None on the first night (no history) or without new rows."""
-    reference, current = drift_columns(events, watermark, texts)
+    reference, current = drift_columns(history, watermark, texts, config.reference_rows, config.seed)
     if reference.empty or current.empty:
         return None
     return measure_drift(reference, current, config)
@@ -146,9 +155,9 @@ def one_value_raters(new_rows: pd.DataFrame, config: MonitorConfig) -> list[str]
     return found
 
 
-def night_record(events: pd.DataFrame, watermark: int, texts: CatalogTexts, config: MonitorConfig) -> DriftRecord | None:
+def night_record(history: History, watermark: int, texts: CatalogTexts, config: MonitorConfig) -> DriftRecord | None:
     """`night_drift` with tonight's one-value raters (`one_value_raters`) on the record."""
-    record = night_drift(events, watermark, texts, config)
+    record = night_drift(history, watermark, texts, config)
     if record is not None:
-        record.raters = one_value_raters(events[events["_ingest_seq"] > watermark], config)
+        record.raters = one_value_raters(history.new_rows(watermark), config)
     return record

@@ -40,6 +40,8 @@ ITEMS_REQUIRED = {"item_id": pa.string(), "title": pa.string()}
 USERS_REQUIRED = {"user_id": pa.string()}
 
 ID_COLUMN = {EVENTS: None, ITEMS: "item_id", USERS: "user_id"}
+# What makes an event unique.
+EVENT_KEY = ["user_id", "item_id", "timestamp"]
 
 
 def required_columns(kind: str) -> dict[str, pa.DataType]:

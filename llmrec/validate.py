@@ -8,6 +8,7 @@ its Data Docs page, and what `quarantine` writes next to a copy of a rejected fi
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import html
@@ -17,8 +18,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 import great_expectations as gx
@@ -142,13 +145,31 @@ def events_suite(check_items: bool) -> gx.ExpectationSuite:
     expectations = _required_expectations(schema.EVENTS) + [
         gxe.ExpectColumnValuesToBeBetween(column="rating", min_value=schema.RATING_MIN, max_value=schema.RATING_MAX),
         gxe.ExpectColumnValuesToBeBetween(column="timestamp", max_value={"$PARAMETER": "now"}),
-        gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "item_id", "timestamp"]),
+        key_unique(),
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
     ]
     if check_items:
         known = {"$PARAMETER": "known_item_ids"}
         expectations.append(gxe.ExpectColumnValuesToBeInSet(column="item_id", value_set=known))
     return gx.ExpectationSuite(name="events_catalog" if check_items else "events", expectations=expectations)
+
+
+def key_unique() -> gxe.Expectation:
+    return gxe.ExpectCompoundColumnsToBeUnique(column_list=schema.EVENT_KEY)
+
+
+def keys_suite() -> gx.ExpectationSuite:
+    """The events key check alone: run on the rows whose key repeats across the batches of
+    a file validated in batches (`Validator.validate_batches`)."""
+    return gx.ExpectationSuite(name="events_keys", expectations=[key_unique()])
+
+
+def suite_of(kind: str, check_items: bool, keys_only: bool = False) -> gx.ExpectationSuite:
+    if keys_only:
+        return keys_suite()
+    if kind == schema.EVENTS:
+        return events_suite(check_items)
+    return items_suite() if kind == schema.ITEMS else users_suite()
 
 
 def items_suite() -> gx.ExpectationSuite:
@@ -239,17 +260,13 @@ class Validator:
                     "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
                 },
             )
-        self._checkpoints: dict[tuple[str, bool], gx.Checkpoint] = {}
+        self._checkpoints: dict[tuple[str, bool, bool], gx.Checkpoint] = {}
 
-    def _checkpoint(self, kind: str, check_items: bool) -> gx.Checkpoint:
+    def _checkpoint(self, kind: str, check_items: bool, keys_only: bool = False) -> gx.Checkpoint:
         """The checkpoint of `kind`'s suite, registered (or refreshed) once per Validator."""
-        if (kind, check_items) in self._checkpoints:
-            return self._checkpoints[kind, check_items]
-        if kind == schema.EVENTS:
-            suite = events_suite(check_items)
-        else:
-            suite = items_suite() if kind == schema.ITEMS else users_suite()
-        suite = self._save_suite(suite)
+        if (kind, check_items, keys_only) in self._checkpoints:
+            return self._checkpoints[kind, check_items, keys_only]
+        suite = self._save_suite(suite_of(kind, check_items, keys_only))
         validation = self.context.validation_definitions.add_or_update(
             gx.ValidationDefinition(name=suite.name, data=self._batch_definition(kind), suite=suite)
         )
@@ -262,7 +279,7 @@ class Validator:
                 result_format={"result_format": "SUMMARY", "partial_unexpected_count": MAX_EXAMPLES},
             )
         )
-        self._checkpoints[kind, check_items] = checkpoint
+        self._checkpoints[kind, check_items, keys_only] = checkpoint
         return checkpoint
 
     def _save_suite(self, suite: gx.ExpectationSuite) -> gx.ExpectationSuite:
@@ -293,13 +310,15 @@ class Validator:
             return asset.add_batch_definition_whole_dataframe(BATCH_DEFINITION)
 
     def validate(
-        self, frame: pd.DataFrame, kind: str, source: str, known_item_ids: set[str] | None = None
+        self, frame: pd.DataFrame, kind: str, source: str, known_item_ids: set[str] | None = None,
+        keys_only: bool = False,
     ) -> FileValidation:
-        """Run `kind`'s suite on `frame` (read from `source`; not modified). For events,
-        `known_item_ids` (catalog plus this batch's items) enables the item_id check."""
+        """Run `kind`'s suite (with `keys_only`, the events key check alone) on `frame` (read
+        from `source`; not modified). For events, `known_item_ids` (catalog plus this
+        batch's items) enables the item_id check."""
         if kind not in schema.KINDS:
             raise ValueError(f"unknown landing kind {kind!r}; expected one of {schema.KINDS}")
-        check_items = kind == schema.EVENTS and known_item_ids is not None
+        check_items = kind == schema.EVENTS and known_item_ids is not None and not keys_only
         parameters = {"now": self.now.isoformat()}
         if check_items:
             present = frame["item_id"].dropna().unique() if "item_id" in frame.columns else []
@@ -309,7 +328,7 @@ class Validator:
         # GX names a folder after the run; a 255-byte landing name plus its suffixes would not fit.
         run_id = RunIdentifier(run_name=bounded_name(_file_name(source), limit=200), run_time=dt.datetime.now(dt.timezone.utc))
         # Copy-on-write (pandas 3) makes this shallow copy a firewall for the caller's frame.
-        result = self._checkpoint(kind, check_items).run(
+        result = self._checkpoint(kind, check_items, keys_only).run(
             batch_parameters={"dataframe": frame.copy(deep=False)}, expectation_parameters=parameters, run_id=run_id
         )
         key, suite_result = next(iter(result.run_results.items()))
@@ -323,6 +342,47 @@ class Validator:
             failures=failures,
             data_docs=self._docs_page(key),
         )
+
+    def validate_batches(
+        self, batches: Callable[[], Iterable[pd.DataFrame]], kind: str, source: str,
+        known_item_ids: set[str] | None = None,
+    ) -> FileValidation:
+        """`validate` of a file read in record batches: `batches()` scans it (once more when
+        event keys repeat across batches). Each batch runs the suite, and the failures of an
+        expectation add up over batches: counts summed, the first MAX_EXAMPLES examples and
+        the first observed value kept, in the suite's order, as `validate` of the whole file
+        would report them. The event key's uniqueness spans batches: when a key hash repeats,
+        the rows of the repeated hashes are gathered by a second scan and the key check runs
+        on them alone, which counts what the whole file would. The Data Docs page is the
+        first failing run's, else the last batch's."""
+        merged: dict[tuple[str, str | None], Failure] = {}
+        rows, docs, failed_docs, hashes = 0, None, None, []
+        for frame in batches():
+            result = self.validate(frame, kind, source, known_item_ids)
+            rows, docs = rows + result.rows, result.data_docs
+            failed_docs = failed_docs or (None if result.success else result.data_docs)
+            for failure in result.failures:
+                _merge(merged, failure)
+            if kind == schema.EVENTS and set(schema.EVENT_KEY) <= set(frame.columns):
+                hashes.append(_key_hashes(frame))
+        unique = ("expect_compound_columns_to_be_unique", ",".join(schema.EVENT_KEY))
+        broken = any(e in ("expect_column_to_exist", "expect_column_values_to_be_of_type") and c in schema.EVENT_KEY
+                     for e, c in merged)
+        if len(hashes) > 1 and not broken:
+            values, counts = np.unique(np.concatenate(hashes), return_counts=True)
+            repeated = values[counts > 1]
+            merged.pop(unique, None)
+            if len(repeated):
+                gathered = pd.concat([f[np.isin(_key_hashes(f), repeated)] for f in batches()], ignore_index=True)
+                result = self.validate(gathered, kind, source, keys_only=True)
+                merged.update({unique: f for f in result.failures if (f.expectation, f.column) == unique})
+                failed_docs = failed_docs or (None if result.success else result.data_docs)
+        order = [(e.expectation_type, ",".join(e.configuration.kwargs.get("column_list") or [])
+                  or e.configuration.kwargs.get("column")) for e in suite_of(kind, known_item_ids is not None).expectations]
+        failures = sorted(merged.values(), key=lambda f: order.index((f.expectation, f.column))
+                          if (f.expectation, f.column) in order else len(order))
+        return FileValidation(source=source, kind=kind, rows=rows, success=not failures, failures=failures,
+                              data_docs=failed_docs or docs)
 
     def _docs_page(self, key) -> str | None:
         for site in self.context.get_docs_sites_urls(resource_identifier=key, site_names=[SITE]):
@@ -371,6 +431,24 @@ def _failures(results, columns: pd.Index) -> list[Failure]:
     return failures
 
 
+def _merge(merged: dict[tuple[str, str | None], Failure], failure: Failure) -> None:
+    """Add one batch's failure to the file's: counts summed, examples capped."""
+    key = (failure.expectation, failure.column)
+    if key not in merged:
+        merged[key] = dataclasses.replace(failure, examples=list(failure.examples))
+        return
+    kept = merged[key]
+    if failure.unexpected_count is not None:
+        kept.unexpected_count = (kept.unexpected_count or 0) + failure.unexpected_count
+    kept.examples = (kept.examples + failure.examples)[:MAX_EXAMPLES]
+
+
+def _key_hashes(frame: pd.DataFrame) -> np.ndarray:
+    """A 64-bit hash of each row's event key: equal keys hash equal, so only rows whose
+    hash repeats can repeat a key."""
+    return pd.util.hash_pandas_object(frame[schema.EVENT_KEY], index=False).to_numpy()
+
+
 def _error_message(info: dict | None) -> str | None:
     """GX reports a raised metric either flat ({raised_exception, exception_message}) or
     keyed by metric id ({<metric>: {raised_exception, ...}})."""
@@ -414,9 +492,11 @@ def _file_name(source: str) -> str:
     return re.split(r"[\\/]", source.rstrip("/\\"))[-1] or "landing-file"
 
 
-def quarantine(result: FileValidation, contents: dict[str, bytes], quarantine_dir: Path, checksum: str) -> Path:
+def quarantine(result: FileValidation, contents: dict[str, Callable[[], BinaryIO]], quarantine_dir: Path,
+               checksum: str) -> Path:
     """Keep a rejected landing entry at `quarantine_dir/<name>-<checksum[:12]>/`: its original
-    bytes (`contents`, by name; none for an entry that could not be read), `validation.json`
+    bytes (`contents`: by name, a function opening the file as a stream, copied chunk by
+    chunk; none for an entry that could not be read), `validation.json`
     and `data_docs.html`. Built in a temp folder and moved into place in one rename; an
     existing copy of the same content is left as it is. A name too long for the file system
     is shortened with a hash (`files.bounded_name`)."""
@@ -429,9 +509,10 @@ def quarantine(result: FileValidation, contents: dict[str, bytes], quarantine_di
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{hashlib.sha256(target.name.encode()).hexdigest()[:12]}.",
                                     dir=quarantine_dir))
     try:
-        for inner, raw in contents.items():
+        for inner, open_source in contents.items():
             (staging / inner).parent.mkdir(parents=True, exist_ok=True)
-            (staging / inner).write_bytes(raw)
+            with open_source() as source, open(staging / inner, "wb") as copy:
+                shutil.copyfileobj(source, copy)
         (staging / "validation.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         if result.data_docs and Path(result.data_docs).is_file():
             shutil.copyfile(result.data_docs, staging / "data_docs.html")

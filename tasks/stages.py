@@ -64,8 +64,7 @@ def load_champion(home: Home, registered_model: str, text_encoder: encoder.Encod
 
 @task(name="read-curated", **IO_RETRIES, **IN_MEMORY)
 def read_curated(home: Home):
-    # The whole history as a frame is still read for drift and the evaluation segments.
-    return ingestion.read_catalog_texts(home), History.open(home), ingestion.read_events(home)
+    return ingestion.read_catalog_texts(home), History.open(home)
 
 
 @task(name="window", **IN_MEMORY)
@@ -87,14 +86,15 @@ def fine_tune(champion, cache, texts, night_window, config: NightlyConfig, home:
 
 
 @task(name="evaluate", **IN_MEMORY)
-def evaluate(night_window, history: History, events, trained: train.Trained, champion, cache, texts,
+def evaluate(night_window, history: History, trained: train.Trained, champion, cache, texts,
              config: NightlyConfig) -> dict:
-    return evaluation.evaluate_models(night_window, history, events, trained.checkpoint, champion.checkpoint, cache, texts, config)
+    return evaluation.evaluate_models(night_window, history, trained.checkpoint, champion.checkpoint, cache, texts,
+                                      config)
 
 
 @task(name="drift", **IN_MEMORY)
-def drift(events, watermark: int, texts, config: NightlyConfig) -> monitor.DriftRecord | None:
-    return monitor.night_record(events, watermark, texts, config.monitor)
+def drift(history: History, watermark: int, texts, config: NightlyConfig) -> monitor.DriftRecord | None:
+    return monitor.night_record(history, watermark, texts, config.monitor)
 
 
 @task(name="register-and-gate", **IO_RETRIES, **IN_MEMORY)

@@ -66,14 +66,15 @@ def test_segments_by_hand():
     history = frame([("a", "x")] * 6 + [("b", "x")] * 2 + [("c", "y")] * 5 + [("a", "z")])
     rows = frame([("a", "x"), ("b", "y"), ("d", "z"), ("c", "w")])
     config = EvaluationConfig(cold_ratings=5, heavy_user_share=0.34, head_item_share=0.34)
-    masks = segment_masks(rows, history, config)
+    user_counts, item_counts = history.groupby("user_id").size(), history.groupby("item_id").size()
+    masks = segment_masks(rows, user_counts, item_counts, config)
     assert masks["cold users"].tolist() == [False, True, True, False]  # a: 7, b: 2, d: 0, c: 5
     assert masks["cold items"].tolist() == [False, False, True, True]  # x: 8, y: 5, z: 1, w: 0
     assert masks["heavy users"].tolist() == [True, False, False, False]  # top 1 of 3 users: a
     assert masks["long-tail items"].tolist() == [False, True, True, True]  # head: x
     errors = np.array([1.0, -2.0, 0.0, 2.0])
     users = pd.DataFrame({"recall_at_10": [1.0, 0.0], "ndcg_at_10": [1.0, 0.0]}, index=pd.Index(["a", "b"], name="user_id"))
-    out = {row["segment"]: row for row in segment_rows("held_out", rows, history,
+    out = {row["segment"]: row for row in segment_rows("held_out", rows, user_counts, item_counts,
                                                          {"challenger": Sample(errors, users)}, config)}
     assert out["all"]["rows"] == 4 and out["all"]["challenger rmse"] == pytest.approx(math.sqrt(9 / 4))
     assert out["cold users"]["challenger mae"] == pytest.approx(1.0) and out["cold users"]["users ranked"] == 1

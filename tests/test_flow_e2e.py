@@ -178,8 +178,8 @@ def test_fail_on_invalid_stops_the_run(prefect_server, world, tmp_path):
 def test_a_night_loads_encoder_champion_and_curated_data_once(prefect_server, world, monkeypatch):
     """The flow loads the heavy things once and hands them down: one encoder load, one
     champion checkpoint load, one read of the catalog and one opening of the curated history
-    per night (window and ranking read it through llmrec.history), and one read of all
-    events as a frame (drift and the evaluation segments still need it)."""
+    per night (window, ranking, drift and the evaluation segments read it through
+    llmrec.history), and never all events as one frame."""
     from llmrec import encoder, ingest, model
     from llmrec.history import History
 
@@ -198,7 +198,7 @@ def test_a_night_loads_encoder_champion_and_curated_data_once(prefect_server, wo
     monkeypatch.setattr(History, "open", classmethod(counted("history", History.open.__func__)))
     night = run_night(world, world["tags"][6:7])
     assert night["status"] == "registered" and night["resumed_from"] is not None
-    assert calls == {"encoder": 1, "checkpoint": 1, "events": 1, "history": 1, "catalog": 1}
+    assert calls == {"encoder": 1, "checkpoint": 1, "events": 0, "history": 1, "catalog": 1}
     # The night's full report sits beside its MLflow run.
     run_id = MlflowClient().get_model_version(world["config"].registered_model, night["version"]).run_id
     report = mlflow.artifacts.load_text(f"runs:/{run_id}/report.md")

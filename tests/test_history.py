@@ -1,14 +1,17 @@
 """What a night reads from the curated history: footers, pruned and filtered reads, a
 uniform replay sample; never the whole history as one frame."""
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from llmrec import ingest
-from llmrec.config import EvaluationConfig, Home, TrainingConfig
+from llmrec.config import EvaluationConfig, Home, MonitorConfig, TrainingConfig
 from llmrec.data import copy_drop, synthetic_drops
+from llmrec.evaluate import segment_masks
 from llmrec.history import EventFile, History
-from llmrec.window import KEY, prepare_window
+from llmrec.monitor import drift_columns, measure_drift, night_drift
+from llmrec.window import KEY, prepare_window, without
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +93,55 @@ def test_window_from_history_matches_tonights_rows_and_replays_older_ones(home, 
     assert len(replay) == window.replay_rows == round((len(window.train) - window.replay_rows) * 0.5)
     assert not keys(replay) & keys(window.anchor)
     assert keys(window.held_out) <= keys(tonight)
+
+
+def drift_columns_of_frame(events, watermark, texts):
+    """The monitored columns as they were computed on the whole history as one frame,
+    before `monitor.drift_columns` read them through History: the oracle of the test below."""
+    seq = events["_ingest_seq"]
+    popularity = events[seq <= watermark].groupby("item_id").size()
+    frame = pd.DataFrame({
+        "rating": events["rating"].astype(np.float64),
+        "user_ratings": events.groupby(["_ingest_seq", "user_id"])["user_id"].transform("size").astype(np.float64),
+        "item_popularity": np.log1p(events["item_id"].map(popularity).fillna(0.0).astype(np.float64)),
+        "text_length": events["item_id"].map(lambda item: len(texts.items.get(item, ""))).astype(np.float64),
+        "new_user": np.where(events.groupby("user_id")["_ingest_seq"].transform("min") == seq, "yes", "no"),
+        "new_item": np.where(events.groupby("item_id")["_ingest_seq"].transform("min") == seq, "yes", "no"),
+    }, index=events.index)
+    return frame[seq <= watermark].reset_index(drop=True), frame[seq > watermark].reset_index(drop=True)
+
+
+def in_order(frame):
+    return frame.sort_values(list(frame.columns), kind="stable").reset_index(drop=True)
+
+
+@pytest.mark.parametrize("watermark", [1, 2])
+def test_drift_through_history_matches_the_whole_frame(home, watermark):
+    events = ingest.read_events(home)
+    texts = ingest.read_catalog_texts(home)
+    history = History.open(home)
+    old_reference, old_current = drift_columns_of_frame(events, watermark, texts)
+    reference, current = drift_columns(history, watermark, texts, 10**6, 0)
+    pd.testing.assert_frame_equal(current, old_current)
+    pd.testing.assert_frame_equal(in_order(reference), in_order(old_reference))
+    config = MonitorConfig()
+    assert night_drift(history, watermark, texts, config).scores == measure_drift(old_reference, old_current,
+                                                                                  config).scores
+    # A smaller reference is a sample of the same rows.
+    sampled, _ = drift_columns(history, watermark, texts, 50, 0)
+    assert len(sampled) == 50
+
+
+def test_segment_counts_through_history_match_the_whole_frame(home):
+    events = ingest.read_events(home)
+    history = History.open(home)
+    part = pd.concat([events[events["_ingest_seq"] == 3].sample(40, random_state=1), events.head(10)])
+    outside = without(events, part)
+    users, items = history.counts(part)
+    pd.testing.assert_series_equal(users, outside.groupby("user_id").size())
+    pd.testing.assert_series_equal(items, outside.groupby("item_id").size())
+    pd.testing.assert_series_equal(history.counts()[0], events.groupby("user_id").size())
+    config = EvaluationConfig(cold_ratings=20, heavy_user_share=0.1, head_item_share=0.2)
+    new = segment_masks(part, users, items, config)
+    old = segment_masks(part, outside.groupby("user_id").size(), outside.groupby("item_id").size(), config)
+    assert all((new[segment] == old[segment]).all() for segment in old)

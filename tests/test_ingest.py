@@ -184,7 +184,7 @@ def test_every_entry_is_listed_folders_and_fifos_included(tmp_path, drops):
     assert by_name["events/a-fifo"].entry == "other"
     reads = {f.name: ingest.read_landing_file(fs, f) for f in files}
     assert reads["events/day.parquet"].rows == 9 and reads["events/day.parquet"].error is None
-    assert sorted(reads["events/day.parquet"].contents) == ["day.parquet/date=1/part-0001.parquet",
+    assert sorted(reads["events/day.parquet"].members) == ["day.parquet/date=1/part-0001.parquet",
                                                             "day.parquet/part-0000.parquet"]
     assert "not a regular file" in reads["events/a-fifo"].error
     assert "no data files" in reads["events/empty-folder"].error

@@ -6,6 +6,7 @@ import pytest
 
 from llmrec.config import MonitorConfig
 from llmrec.gate import Decision, hold_for_drift
+from llmrec.history import History, footer
 from llmrec.monitor import drift_columns, drift_hold, night_drift
 from llmrec.schema import CatalogTexts
 
@@ -24,25 +25,39 @@ def nights(n_rows=1500, seed=0, tonight=None) -> pd.DataFrame:
     return frame
 
 
+def history_of(frame: pd.DataFrame, folder) -> History:
+    """`frame` as a curated history: one file per ingest sequence, a timestamp per row in
+    frame order, one day per sequence."""
+    seconds = frame["_ingest_seq"].to_numpy() * 86_400 + np.arange(len(frame))
+    frame = frame.assign(timestamp=pd.Timestamp("2026-01-01", tz="UTC") + pd.to_timedelta(seconds, unit="s"))
+    paths = []
+    for seq, rows in frame.groupby("_ingest_seq"):
+        paths.append(str(folder / f"night-{seq}.parquet"))
+        rows.to_parquet(paths[-1], index=False)
+    return History([footer(path) for path in paths])
+
+
 TEXTS = CatalogTexts(users={}, items={str(i): "x" * (10 + i % 7) for i in range(300)})
 
 
-def test_drift_columns_by_hand():
+def test_drift_columns_by_hand(tmp_path):
     events = pd.DataFrame({
         "user_id": ["a", "a", "b", "a", "c", "c"],
         "item_id": ["x", "y", "x", "x", "z", "x"],
         "rating": [4.0, 3.0, 5.0, 1.0, 2.0, 2.0],
         "_ingest_seq": [1, 1, 1, 2, 2, 2],
     })
-    reference, current = drift_columns(events, 1, CatalogTexts({}, {"x": "abc", "y": "ab"}))
-    assert list(reference["user_ratings"]) == [2, 2, 1] and list(current["user_ratings"]) == [1, 2, 2]
+    reference, current = drift_columns(history_of(events, tmp_path), 1, CatalogTexts({}, {"x": "abc", "y": "ab"}),
+                                       100, 0)
+    # The reference is a sample (here all of night 1), in the sample's order.
+    assert sorted(reference["user_ratings"]) == [1, 2, 2] and list(current["user_ratings"]) == [1, 2, 2]
     assert list(current["new_user"]) == ["no", "yes", "yes"] and list(current["new_item"]) == ["no", "yes", "no"]
     assert current["item_popularity"].tolist() == pytest.approx([np.log(3), 0.0, np.log(3)])
     assert list(current["text_length"]) == [3, 0, 3] and list(current["rating"]) == [1.0, 2.0, 2.0]
 
 
-def test_same_distribution_is_not_held():
-    record = night_drift(nights(), 1, TEXTS, MonitorConfig())
+def test_same_distribution_is_not_held(tmp_path):
+    record = night_drift(history_of(nights(), tmp_path), 1, TEXTS, MonitorConfig())
     assert record.method == "jensenshannon" and record.current_rows == 1500 and record.reference_rows == 1500
     assert set(record.scores) == {"rating", "user_ratings", "item_popularity", "text_length", "new_user", "new_item"}
     assert record.scores["rating"] < 0.1 and "rating" not in record.drifted
@@ -51,12 +66,12 @@ def test_same_distribution_is_not_held():
     assert "<html" in record.html.lower() and '"metrics"' in record.json
 
 
-def test_inverted_ratings_hold_the_challenger_and_name_the_column():
+def test_inverted_ratings_hold_the_challenger_and_name_the_column(tmp_path):
     def invert(frame):
         frame.loc[frame["_ingest_seq"] == 2, "rating"] = 6 - frame.loc[frame["_ingest_seq"] == 2, "rating"]
         return frame
 
-    record = night_drift(nights(tonight=invert), 1, TEXTS, MonitorConfig())
+    record = night_drift(history_of(nights(tonight=invert), tmp_path), 1, TEXTS, MonitorConfig())
     assert "rating" in record.drifted and record.scores["rating"] > 0.2
     reason = drift_hold(record, MonitorConfig())
     assert reason.startswith("new events drift from the history (rating drifted")
@@ -65,8 +80,8 @@ def test_inverted_ratings_hold_the_challenger_and_name_the_column():
     assert drift_hold(record, MonitorConfig(hold_columns=[], drift_threshold=0.9)) is None
 
 
-def test_first_night_has_no_drift_record():
-    assert night_drift(nights(), 0, TEXTS, MonitorConfig()) is None
+def test_first_night_has_no_drift_record(tmp_path):
+    assert night_drift(history_of(nights(), tmp_path), 0, TEXTS, MonitorConfig()) is None
 
 
 def test_drift_turns_a_promotion_into_a_rejection():
@@ -107,7 +122,7 @@ def test_trend_history_table_and_png(tmp_path, monkeypatch):
         mlflow.set_tracking_uri(previous)
 
 
-def test_one_value_raters_are_named_and_hold_the_challenger():
+def test_one_value_raters_are_named_and_hold_the_challenger(tmp_path):
     from llmrec.ingest import IngestResult
     from llmrec.monitor import DriftRecord, night_record, one_value_raters
     from llmrec.report import run_report
@@ -122,7 +137,7 @@ def test_one_value_raters_are_named_and_hold_the_challenger():
     config = MonitorConfig()
     # "fan" is 83% 5.0, "few" has too few ratings to judge; only "bot" is flagged.
     assert one_value_raters(events[events["_ingest_seq"] == 2], config) == ["user bot: 120 ratings, 100% 5"]
-    record = night_record(events, 1, TEXTS, config)
+    record = night_record(history_of(events, tmp_path), 1, TEXTS, config)
     assert record.raters == ["user bot: 120 ratings, 100% 5"] and record.metrics()["drift.one_value_raters"] == 1.0
     assert drift_hold(record, config) == ("one-value raters tonight (user bot: 120 ratings, 100% 5; "
                                           "monitor.rater_min_ratings 100, monitor.rater_max_share 0.95)")

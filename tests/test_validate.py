@@ -3,6 +3,7 @@ the markdown report."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -173,10 +174,15 @@ def test_a_second_validator_reuses_the_same_gx_folder(validator):
     assert not again.validate(set_cell("rating", 0.0)(events()), "events", "again-bad.parquet").success
 
 
+def streams(name: str, raw: bytes) -> dict:
+    """`quarantine`'s contents: per file name, a function opening the file as a stream."""
+    return {name: lambda: io.BytesIO(raw)}
+
+
 def test_quarantine_keeps_bytes_result_and_docs_once(validator, tmp_path):
     result = validator.validate(set_cell("rating", 7.0)(events()), "events", "s3://bucket/events/part-1.parquet")
     raw = b"PAR1\x00not really parquet\xff"
-    target = quarantine(result, {"part-1.parquet": raw}, tmp_path / "quarantine", sha256(raw))
+    target = quarantine(result, streams("part-1.parquet", raw), tmp_path / "quarantine", sha256(raw))
     assert target.parent == tmp_path / "quarantine" and target.name.startswith("part-1.parquet-")
     assert sorted(p.name for p in target.iterdir()) == ["data_docs.html", "part-1.parquet", "validation.json"]
     assert (target / "part-1.parquet").read_bytes() == raw
@@ -184,18 +190,18 @@ def test_quarantine_keeps_bytes_result_and_docs_once(validator, tmp_path):
     assert (target / "data_docs.html").read_bytes() == open(result.data_docs, "rb").read()
 
     (target / "validation.json").write_text("kept")
-    assert quarantine(result, {"part-1.parquet": raw}, tmp_path / "quarantine", sha256(raw)) == target
+    assert quarantine(result, streams("part-1.parquet", raw), tmp_path / "quarantine", sha256(raw)) == target
     assert (target / "validation.json").read_text() == "kept"
     assert [p.name for p in (tmp_path / "quarantine").iterdir()] == [target.name]
 
-    other = quarantine(result, {"part-1.parquet": raw + b"!"}, tmp_path / "quarantine", sha256(raw + b"!"))
+    other = quarantine(result, streams("part-1.parquet", raw + b"!"), tmp_path / "quarantine", sha256(raw + b"!"))
     assert other != target and len(list((tmp_path / "quarantine").iterdir())) == 2
 
 
 def test_unreadable_files_are_quarantined_with_a_page(validator, tmp_path):
     result = validator.unreadable("landing/users/u.parquet", "users", "Parquet magic bytes not found <PAR1>")
     assert (result.success, result.rows, result.failures) == (False, 0, [])
-    target = quarantine(result, {"u.parquet": b"garbage"}, tmp_path, sha256(b"garbage"))
+    target = quarantine(result, streams("u.parquet", b"garbage"), tmp_path, sha256(b"garbage"))
     page = (target / "data_docs.html").read_text()
     assert "Parquet magic bytes not found &lt;PAR1&gt;" in page and "landing/users/u.parquet" in page
     assert json.loads((target / "validation.json").read_text())["read_error"].startswith("Parquet magic")
@@ -231,7 +237,7 @@ def test_blank_ids_are_invalid(validator, kind, column, blank):
 def test_quarantine_of_a_255_byte_name_is_shortened_with_a_hash(validator, tmp_path):
     name = "e" * 247 + ".parquet"
     result = validator.validate(set_cell("rating", 7.0)(events()), "events", f"landing/events/{name}")
-    target = quarantine(result, {name: b"x"}, tmp_path, sha256(b"x"))
+    target = quarantine(result, streams(name, b"x"), tmp_path, sha256(b"x"))
     assert len(target.name.encode()) <= 255 and (target / name).read_bytes() == b"x"
-    other = quarantine(result, {name: b"y"}, tmp_path, sha256(b"y"))
+    other = quarantine(result, streams(name, b"y"), tmp_path, sha256(b"y"))
     assert other != target
