@@ -21,7 +21,7 @@ from llmrec.errors import LlmrecError
 from llmrec.evaluate import evaluate_models
 from llmrec.gate import check_rows, decide
 from llmrec.history import History
-from llmrec.ingest import read_catalog_texts, read_events
+from llmrec.ingest import read_catalog_texts
 from llmrec.report import render_table
 from llmrec.window import Window, cut
 
@@ -70,8 +70,8 @@ def paired_comparison(home: Home, name: str, a: str, b: str, config: NightlyConf
         encoder = load_encoder(model_config.encoder)
         champion, challenger = (llmrec_model.load(folder, encoder) for folder in folders)
     cache = TextCache.for_model(home.cache, encoder, model_config)
-    metrics = evaluate_models(window, History.open(home), read_events(home), challenger, champion, cache,
-                              read_catalog_texts(home), config)
+    metrics = evaluate_models(window, History.open(home), challenger, champion, cache, read_catalog_texts(home),
+                              config)
     decision = decide(metrics["challenger"], metrics["champion"], metrics["global_mean"], config.gate,
                       metrics["samples"])
     # The gate's words (challenger, champion) as the two versions.
