@@ -79,12 +79,9 @@ def wait_for(bodies, predicate, count=1, timeout=90):
     return [b for b in bodies if predicate(b)]
 
 
-def tiny_nights(tmp_path, tiny_encoder, seed):
+def tiny_nights(tmp_path, encoder_dir, seed):
     """(config, drops, landing, tags): four synthetic daily drops and a nightly config on the
-    tiny random encoder, saved where the flow loads encoders from."""
-    encoder_dir = tmp_path / "tiny-bert"
-    tiny_encoder.model.save_pretrained(encoder_dir)
-    tiny_encoder.tokenizer.save_pretrained(encoder_dir)
+    tiny random encoder saved in `encoder_dir`."""
     drops, landing = tmp_path / "drops", tmp_path / "landing"
     tags = synthetic_drops(drops, users=40, items=60, days=4, seed=seed)
     config = NightlyConfig(landing=str(landing), home=str(tmp_path / "home"),
@@ -95,7 +92,27 @@ def tiny_nights(tmp_path, tiny_encoder, seed):
     return config, drops, landing, tags
 
 
-def test_alerts_deliver_one_notification_per_night_event(prefect_api, receiver, tmp_path, tiny_encoder, monkeypatch):
+def night_awaiting_approval(prefect_api, tmp_path, encoder_dir, monkeypatch, timeout: int):
+    """A first night promoted on the tiny nights, the next day's drop landed, and the config
+    that asks for approval of the next night with `gate.approval_timeout` = `timeout`."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.nightly import nightly_retrain
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config, drops, landing, tags = tiny_nights(tmp_path, encoder_dir, seed=2)
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
+        for tag in tags[:3]:
+            copy_drop(drops, tag, landing)
+        assert nightly_retrain(config=config)["decision"]["promote"]
+    copy_drop(drops, tags[3], landing)
+    return config.model_copy(update={"gate": config.gate.model_copy(update={"require_approval": True,
+                                                                           "approval_timeout": timeout})})
+
+
+def test_alerts_deliver_one_notification_per_night_event(prefect_api, receiver, tmp_path, tiny_encoder_dir,
+                                                         monkeypatch):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from app.alerts import install
@@ -108,7 +125,7 @@ def test_alerts_deliver_one_notification_per_night_event(prefect_api, receiver, 
         names = install(url)
         assert len(names) == 6 and install(url) == names  # re-installing replaces, never duplicates
 
-        config, drops, landing, tags = tiny_nights(tmp_path, tiny_encoder, seed=1)
+        config, drops, landing, tags = tiny_nights(tmp_path, tiny_encoder_dir, seed=1)
 
         # A forced failure: the landing folder does not exist.
         with pytest.raises(LlmrecError, match="does not exist"):
@@ -148,7 +165,7 @@ def test_alerts_deliver_one_notification_per_night_event(prefect_api, receiver, 
     assert sum(b.startswith("llmrec.data.drift") for b in bodies) == 1
 
 
-def test_approval_pauses_the_night_and_a_resume_through_the_api_promotes(prefect_api, tmp_path, tiny_encoder,
+def test_approval_pauses_the_night_and_a_resume_through_the_api_promotes(prefect_api, tmp_path, tiny_encoder_dir,
                                                                           monkeypatch):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
@@ -160,22 +177,14 @@ def test_approval_pauses_the_night_and_a_resume_through_the_api_promotes(prefect
     from llmrec import registry
     from llmrec.config import Home
 
-    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    config, drops, landing, tags = tiny_nights(tmp_path, tiny_encoder, seed=2)
+    config = night_awaiting_approval(prefect_api, tmp_path, tiny_encoder_dir, monkeypatch, timeout=600)
     with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
-        for tag in tags[:3]:
-            copy_drop(drops, tag, landing)
-        assert nightly_retrain(config=config)["decision"]["promote"]
-        copy_drop(drops, tags[3], landing)
-        waiting = config.model_copy(update={"gate": config.gate.model_copy(update={"require_approval": True,
-                                                                                   "approval_timeout": 600})})
         result = {}
 
         def paused_night():
             # Settings contexts do not cross threads: the night must be told the server too.
             with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
-                result.update(nightly_retrain(config=waiting))
+                result.update(nightly_retrain(config=config))
 
         night = threading.Thread(target=paused_night, daemon=True)
         night.start()
@@ -204,7 +213,7 @@ def test_approval_pauses_the_night_and_a_resume_through_the_api_promotes(prefect
     assert changes["why"].iloc[-1] == "approved by alice: checked the segments"
 
 
-def test_approval_timeout_rejects_the_waiting_version(prefect_api, tmp_path, tiny_encoder, monkeypatch):
+def test_approval_timeout_rejects_the_waiting_version(prefect_api, tmp_path, tiny_encoder_dir, monkeypatch):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -213,19 +222,11 @@ def test_approval_timeout_rejects_the_waiting_version(prefect_api, tmp_path, tin
     from llmrec import registry
     from llmrec.config import Home
 
-    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    config, drops, landing, tags = tiny_nights(tmp_path, tiny_encoder, seed=2)
+    # Nobody answers: the shortest timeout the config accepts.
+    config = night_awaiting_approval(prefect_api, tmp_path, tiny_encoder_dir, monkeypatch, timeout=10)
     with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
-        for tag in tags[:3]:
-            copy_drop(drops, tag, landing)
-        assert nightly_retrain(config=config)["decision"]["promote"]
-        copy_drop(drops, tags[3], landing)
-        # Nobody answers: the shortest timeout the config accepts.
-        unanswered = config.model_copy(update={"gate": config.gate.model_copy(update={"require_approval": True,
-                                                                                      "approval_timeout": 10})})
         started = time.monotonic()
-        state = nightly_retrain(config=unanswered, return_state=True)
+        state = nightly_retrain(config=config, return_state=True)
         result = state.result()
         # The night rejected its own form in time: the run completes (an expired pause fails it).
         with get_client(sync_client=True) as client:
