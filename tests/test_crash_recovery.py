@@ -143,10 +143,14 @@ def test_kill_9_at_every_stage_then_rerun(world, api_url):
     assert outcomes["log-model"] == outcomes["after-version"] == "killed", outcomes
     check_end_state(root, load_encoder(str(encoder_dir)))
     history = registry.version_history("llmrec")
-    # The last kill lands just after the version row appears; the process may get as far as
-    # moving the alias before the signal arrives. Then the rerun completes that decision
-    # (the night's rows were judged) instead of abandoning the version and training again.
-    if "had no decision: now rejected" in rerun or "had no decision: now promoted" in rerun:
+    # The last kill aims just after the version row appears, but the signal can arrive later:
+    # after the alias moved (the rerun completes that decision), or after the decision tag
+    # too (the killed night was whole; seen on a quiet machine: register takes milliseconds).
+    # Either way the night's rows were judged and the rerun trains nothing. A version left
+    # without a decision is settled deterministically in test_registry's interrupted nights.
+    completed = "had no decision: now rejected" in rerun or "had no decision: now promoted" in rerun
+    already_whole = "0 version(s) settled, 0 curated rows not yet judged" in rerun
+    if completed or already_whole:
         assert '"status": "skipped"' in rerun and "0 curated rows not yet judged" in rerun, rerun[-3000:]
     else:
         assert '"status": "registered"' in rerun, rerun[-3000:]
