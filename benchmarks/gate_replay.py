@@ -36,17 +36,13 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402  (offline model hub, the repository on sys.path)
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from quality import weekly  # noqa: E402
 
 from llmrec.config import NightlyConfig, parse_sets  # noqa: E402
@@ -192,8 +188,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="the first 6 nights, 2 injected bad nights")
     parser.add_argument("--nights", type=int, help="replay only this many weekly nights after the bootstrap")
     parser.add_argument("--rules", default="point,bootstrap", help="gate rules to replay, comma-separated")
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("ML100K_DIR") or
-                                                          ROOT.parent / "shared/data/movielens-100k"))
+    parser.add_argument("--data", type=Path, default=common.default_data())
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a NightlyConfig field (repeatable)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /

@@ -31,16 +31,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import numpy as np
-import pandas as pd
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT, default_data  # noqa: E402  (offline model hub, the repository on sys.path)
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
 from baselines import EASE, BiasedMF, ImplicitFactors, ItemKNN, constant_scorer  # noqa: E402
 
@@ -129,10 +126,6 @@ MODES = {
     "quick": dict(steps=6, folds=1, epochs=None, fold_rows=None),
     "smoke": dict(steps=2, folds=1, epochs=1, fold_rows=20000),
 }
-
-
-def default_data() -> Path:
-    return Path(os.environ.get("ML100K_DIR") or ROOT.parent / "shared/data/movielens-100k")
 
 
 # ----------------------------------------------------------------------------- data
