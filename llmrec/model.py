@@ -11,7 +11,8 @@ Ranking (top-k lists) adds a per-item ranking bias a_i to that score: mu + b_u +
 trained on, decayed by `training.popularity_decay` each night), w a learned weight and r_i
 a learned per-item offset. w and r_i are trained by the ranking term only (never by the
 rating loss): how likely an item is to be chosen at all, mostly popularity and its recent
-trend, which the rating head cannot hold (b_i must stay a rating offset). Rating
+trend, which the rating head cannot hold (b_i must stay a rating offset, so the ranking
+term leaves it alone; it trains a_i and the vectors, with every rated row a positive). Rating
 predictions ignore a_i. Row 0 of every id table is the
 unknown id and stays zero, so a user or item never seen in training is scored from its
 text alone.

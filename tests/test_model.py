@@ -36,7 +36,9 @@ def trained(tiny_encoder, trainable_layers=0, epochs=4, lora_rank=0, **kw):
     checkpoint = new_checkpoint(tiny_encoder, ModelConfig(dim=8, trainable_layers=trainable_layers, lora_rank=lora_rank),
                                 seed=0)
     cache = TextCache(None, tiny_encoder, tiny_encoder.num_layers - trainable_layers, 32)
-    result, _ = fit(checkpoint, cache, frame, CatalogTexts(user_texts, item_texts), TrainingConfig(epochs=epochs, lr=0.02, batch_size=256))
+    # The toy's users rate every genre alike, so only the liked rows show taste to the ranking term.
+    config = TrainingConfig(epochs=epochs, lr=0.02, batch_size=256, ranking_positive_rating=4.0)
+    result, _ = fit(checkpoint, cache, frame, CatalogTexts(user_texts, item_texts), config)
     return checkpoint, cache, result, (frame, user_texts, item_texts)
 
 
@@ -281,3 +283,38 @@ def test_ranking_bias_learns_popularity_ranks_only_and_old_checkpoints_load(tiny
     save_file(weights, str(folder / "model.safetensors"))
     with pytest.raises(LlmrecError, match="does not match"):
         load(folder, tiny_encoder)
+
+
+def test_ranking_term_takes_every_rated_row_and_leaves_the_rating_biases_alone(tiny_encoder):
+    """The ranking term's positives are the rows rated >= ranking_positive_rating (1: all of
+    them), and it trains the ranking bias and the vectors but never b_i (a rating offset)."""
+    from llmrec.train import batch_loss
+
+    frame, user_texts, item_texts = toy(n=300)
+    cache = TextCache(None, tiny_encoder, tiny_encoder.num_layers, 32)
+    checkpoint = new_checkpoint(tiny_encoder, ModelConfig(dim=8), seed=0)
+    grow(checkpoint, frame["user_id"].unique(), frame["item_id"].unique(), seed=0)
+    model = checkpoint.model
+    users = cache.features([user_texts.get(u, "") for u in checkpoint.users.ids])
+    items = cache.features([item_texts.get(i, "") for i in checkpoint.items.ids])
+    rows = frame.head(256)
+    user_rows = torch.as_tensor(checkpoint.users.rows(rows["user_id"].tolist()))
+    item_rows = torch.as_tensor(checkpoint.items.rows(rows["item_id"].tolist()))
+    low = torch.full((len(rows),), 2.0)  # every row rated 2: positives at 1, none at 4
+
+    def gradients(**update):
+        model.zero_grad()
+        config = TrainingConfig(l2=0.0).model_copy(update=update)
+        loss, _ = batch_loss(model, users, items, user_rows, item_rows, low, config,
+                             torch.Generator().manual_seed(0), torch.device("cpu"))
+        loss.backward()
+        return {name: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                for name, p in model.named_parameters()}
+
+    rating_only = gradients(ranking_weight=0.0)
+    with_ranking = gradients(ranking_weight=1.0, ranking_positive_rating=1.0)
+    liked_only = gradients(ranking_weight=1.0, ranking_positive_rating=4.0)
+    assert torch.equal(with_ranking["item_bias.weight"], rating_only["item_bias.weight"])
+    assert torch.count_nonzero(with_ranking["item_rank.weight"]) > 0
+    assert not torch.allclose(with_ranking["item_id.weight"], rating_only["item_id.weight"])
+    assert torch.count_nonzero(liked_only["item_rank.weight"]) == 0
