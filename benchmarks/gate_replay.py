@@ -111,11 +111,12 @@ class Replay:
         drift = night_record(history, champion.ingest_watermark, self.texts, config.monitor) if champion.version else None
         return hold_for_drift(decision, drift_hold(drift, config.monitor)), metrics
 
-    def truth(self, challenger, champion: Champion, night: int) -> str | None:
-        """better / worse / tie on the following weeks' RMSE, or None without enough weeks."""
+    def truth(self, challenger, champion: Champion, night: int) -> tuple[str | None, str]:
+        """better / worse / tie on the following weeks' RMSE (None without enough weeks), and
+        the RMSE difference challenger - champion with its interval, as text."""
         last = int(self.events["_ingest_seq"].max())
         if night + FUTURE_WEEKS > last:
-            return None
+            return None, ""
         future = self.events[(self.events["_ingest_seq"] > night) & (self.events["_ingest_seq"] <= night + FUTURE_WEEKS)]
         seen = self.events[self.events["_ingest_seq"] <= night][["user_id", "item_id"]]
         errors = []
@@ -123,8 +124,8 @@ class Replay:
             scorer = Scorer.from_checkpoint(checkpoint, self.cache, self.texts, future)
             errors.append(evaluate_sample(scorer, future, seen, self.config.evaluation.k,
                                           self.config.evaluation.relevant_rating)[1].errors)
-        _, low, high = paired_interval("rmse", errors[0] ** 2, errors[1] ** 2, 2000, 0.95, seed=night)
-        return "better" if high < 0 else "worse" if low > 0 else "tie"
+        difference, low, high = paired_interval("rmse", errors[0] ** 2, errors[1] ** 2, 2000, 0.95, seed=night)
+        return "better" if high < 0 else "worse" if low > 0 else "tie", f"{difference:+.4f} [{low:+.4f}, {high:+.4f}]"
 
     def run(self, rule: str, nights: list[int], injected_at: dict[int, str]) -> list[dict]:
         config = self.config.model_copy(update={"gate": self.config.gate.model_copy(update={"rule": rule})})
@@ -136,9 +137,9 @@ class Replay:
                 champion = Champion(version="1", checkpoint=trained.checkpoint)
                 continue
             decision, _ = self.gate(window, upto, trained, champion, config)
-            truth = self.truth(trained.checkpoint, champion, night)
+            truth, future = self.truth(trained.checkpoint, champion, night)
             rows.append({"night": night, "rule": rule, "kind": "clean", "promoted": decision.promote, "truth": truth,
-                         "reason": decision.reason[:160]})
+                         "future rmse difference": future, "reason": decision.reason[:160]})
             if night in injected_at:
                 kind = injected_at[night]
                 bad_config = config
@@ -149,8 +150,9 @@ class Replay:
                 w, u, t = self.challenger(champion, bad_events, night, anchor, bad_config)
                 bad_decision, _ = self.gate(w, u, t, champion, bad_config)
                 # Its truth is printed, not summarized: whether promoting it would have hurt.
+                bad_truth, bad_future = self.truth(t.checkpoint, champion, night)
                 rows.append({"night": night, "rule": rule, "kind": kind, "promoted": bad_decision.promote,
-                             "truth": self.truth(t.checkpoint, champion, night), "reason": bad_decision.reason[:160]})
+                             "truth": bad_truth, "future rmse difference": bad_future, "reason": bad_decision.reason[:160]})
             log.info("%s night %d: %s (truth %s)", rule, night, "promoted" if decision.promote else "rejected", truth)
             if decision.promote:
                 champion = Champion(version=str(night), checkpoint=trained.checkpoint)
