@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "llmrec/quality")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("llmrec", "httpx", "transformers", "quality"):
+    for noisy in ("llmrec", "httpx", "transformers"):  # "quality" logs each step: progress
         logging.getLogger(noisy).setLevel(logging.WARNING)
     started = time.perf_counter()
     if args.merge:
