@@ -510,11 +510,12 @@ def set_aside(home: Home, path: Path) -> str:
 
 def read_events(home: Home) -> pd.DataFrame:
     """All curated events, with the ingest sequence number each arrived in."""
-    if not home.events.exists():
+    dataset = ds.dataset(str(home.events), format="parquet", partitioning="hive") if home.events.exists() else None
+    if dataset is None or not dataset.files:
+        # No curated file yet (hidden files, e.g. an interrupted write's temporary, are not read).
         frame = empty_events()
         frame["_ingest_seq"] = pd.Series(dtype="int64")
         return frame
-    dataset = ds.dataset(str(home.events), format="parquet", partitioning="hive")
     columns = [c for c in dataset.schema.names if c != "date"]
     frame = dataset.to_table(columns=columns).to_pandas()
     return frame.sort_values(["timestamp", "user_id", "item_id"], kind="stable").reset_index(drop=True)

@@ -216,3 +216,14 @@ def test_bounded_names_fit_and_stay_distinct():
     assert one != two and one.endswith(".parquet") and len(one.encode()) == 255
     multibyte = bounded_name("é" * 200 + ".parquet")
     assert len(multibyte.encode()) <= 255 and multibyte.endswith(".parquet")
+
+
+def test_curated_folder_without_a_visible_file_reads_as_no_events(tmp_path):
+    """A curated folder holding only hidden files (an interrupted write's temporary, or every
+    file set aside by recovery) is an empty history, not a crash."""
+    home = Home(tmp_path / "home").ensure()
+    partition = home.events / "date=2026-01-01"
+    partition.mkdir(parents=True)
+    (partition / ".part-0.parquet.tmp").write_bytes(b"half a file")
+    events = ingest.read_events(home)
+    assert events.empty and {"user_id", "item_id", "rating", "timestamp", "_ingest_seq"} <= set(events.columns)
