@@ -5,7 +5,21 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+from pathlib import Path
+
 import pytest
+
+# MovieLens-100k, never copied into the repo: $ML100K_DIR, else ../shared beside the checkout
+# (benchmarks/common.default_data reads the same).
+MOVIELENS = Path(os.environ.get("ML100K_DIR") or Path(__file__).resolve().parents[2] / "shared/data/movielens-100k")
+
+
+@pytest.fixture(scope="session")
+def movielens() -> Path:
+    """The MovieLens-100k folder; a test that needs it is skipped where it is absent."""
+    if not (MOVIELENS / "u.data").exists():
+        pytest.skip(f"MovieLens-100k not found at {MOVIELENS} (set ML100K_DIR)")
+    return MOVIELENS
 
 
 # The MLflow store the suite was started with (normally none: each test's home decides).

@@ -4,7 +4,6 @@ by side). tl0 over the bootstrap step only: seconds, not the fine-tuned settings
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,14 +13,12 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("ML100K_DIR") or ROOT.parent / "shared/data/movielens-100k")
 
 
-@pytest.mark.skipif(not (DATA / "u.data").exists(), reason=f"MovieLens-100k not found at {DATA}")
-def test_finetune_quality_runs_a_setting_and_merges_runs(tmp_path):
+def test_finetune_quality_runs_a_setting_and_merges_runs(movielens, tmp_path):
     part = tmp_path / "tl0.json"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks/finetune_quality.py"), "--settings", "tl0", "--steps", "1",
-                          "--data", str(DATA), "--json", str(part), "--no-write"],
+                          "--data", str(movielens), "--json", str(part), "--no-write"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-4000:]
     assert "step 1/1" in run.stderr  # progress, one line per weekly step

@@ -1,7 +1,6 @@
 """benchmarks/gate_replay.py: the injections and the scoring of decisions by hand, and its
 --quick mode (cut to 3 nights) end to end on the real MovieLens-100k (slow)."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,6 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("ML100K_DIR") or ROOT.parent / "shared/data/movielens-100k")
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gate_replay import inject, summary  # noqa: E402
@@ -56,11 +54,10 @@ def test_summary_counts_false_decisions_and_lag():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DATA / "u.data").exists(), reason=f"MovieLens-100k not found at {DATA}")
-def test_gate_replay_quick_runs_both_rules():
+def test_gate_replay_quick_runs_both_rules(movielens):
     # --quick injects on its 2nd and 3rd nights; 3 nights of 1 epoch keep the test to minutes.
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks/gate_replay.py"), "--quick", "--nights", "3",
-                          "--set", "training.epochs=1", "--data", str(DATA)],
+                          "--set", "training.epochs=1", "--data", str(movielens)],
                          capture_output=True, text=True, timeout=1800, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-4000:]
     lines = run.stdout.splitlines()

@@ -4,7 +4,6 @@ the plots and its section of the benchmarks page. No assertion on the targets.""
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -15,16 +14,14 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("ML100K_DIR") or ROOT.parent / "shared/data/movielens-100k")
 
 
-@pytest.mark.skipif(not (DATA / "u.data").exists(), reason=f"MovieLens-100k not found at {DATA}")
-def test_quality_benchmark_quick(tmp_path):
+def test_quality_benchmark_quick(movielens, tmp_path):
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\n## Training throughput\n\nkept as is\n")
     img = tmp_path / "img"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/quality.py"), "--quick", "--data", str(DATA),
+        [sys.executable, str(ROOT / "benchmarks/quality.py"), "--quick", "--data", str(movielens),
          "--docs", str(docs), "--img", str(img)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
@@ -82,7 +79,7 @@ def test_quality_benchmark_quick(tmp_path):
 
     # A second run replaces the section rather than appending another one.
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/quality.py"), "--smoke", "--data", str(DATA), "--folds", "0", "--steps", "1",
+        [sys.executable, str(ROOT / "benchmarks/quality.py"), "--smoke", "--data", str(movielens), "--folds", "0", "--steps", "1",
          "--variants", "replay,no-replay", "--docs", str(docs), "--img", str(img)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )

@@ -24,7 +24,6 @@ from llmrec.data.synthetic import GENRES
 from llmrec.errors import LlmrecError
 from llmrec.schema import EVENTS_SCHEMA
 
-MOVIELENS = Path("/work/shared/data/movielens-100k")
 SMALL = dict(users=60, items=80, days=6)
 
 
@@ -179,11 +178,9 @@ def test_list_drops_of_a_missing_folder_names_it(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def movielens_landing(tmp_path_factory) -> tuple[Path, list[str]]:
-    if not MOVIELENS.is_dir():
-        pytest.skip(f"{MOVIELENS} is absent")
+def movielens_landing(tmp_path_factory, movielens) -> tuple[Path, list[str]]:
     out = tmp_path_factory.mktemp("movielens")
-    return out, movielens_drops(MOVIELENS, out, period="1D", bootstrap_days=28)
+    return out, movielens_drops(movielens, out, period="1D", bootstrap_days=28)
 
 
 def test_movielens_drops_hold_all_ratings_in_time_order(movielens_landing):
@@ -226,19 +223,15 @@ def test_movielens_items_and_users_land_where_first_rated(movielens_landing):
             assert set(read(out, "items", tag)["item_id"]) <= set(events["item_id"])
 
 
-def test_movielens_weekly_drops_are_seven_days_apart(tmp_path):
-    if not MOVIELENS.is_dir():
-        pytest.skip(f"{MOVIELENS} is absent")
-    tags = movielens_drops(MOVIELENS, tmp_path, period="7D", bootstrap_days=14)
+def test_movielens_weekly_drops_are_seven_days_apart(tmp_path, movielens):
+    tags = movielens_drops(movielens, tmp_path, period="7D", bootstrap_days=14)
     dates = pd.to_datetime(tags)
     assert tags[0] == "1997-10-03"
     assert set(np.diff(dates).astype("timedelta64[D]").astype(int)) == {7}
 
 
-def test_load_movielens_text_fields(tmp_path):
-    if not MOVIELENS.is_dir():
-        pytest.skip(f"{MOVIELENS} is absent")
-    events, items, users = load_movielens(MOVIELENS)
+def test_load_movielens_text_fields(movielens):
+    events, items, users = load_movielens(movielens)
     toy_story = items.set_index("item_id").loc["1"]
     assert toy_story["title"] == "Toy Story (1995)"
     assert toy_story["genres"] == "Animation, Children's, Comedy"
