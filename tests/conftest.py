@@ -5,13 +5,17 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+import sys
 from pathlib import Path
 
 import pytest
 
-# MovieLens-100k, never copied into the repo: $ML100K_DIR, else ../shared beside the checkout
-# (benchmarks/common.default_data reads the same).
-MOVIELENS = Path(os.environ.get("ML100K_DIR") or Path(__file__).resolve().parents[2] / "shared/data/movielens-100k")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import default_data  # noqa: E402
+
+# MovieLens-100k, never copied into the repo: where the benchmarks look ($ML100K_DIR, else
+# ../shared beside the checkout).
+MOVIELENS = default_data()
 
 
 @pytest.fixture(scope="session")
