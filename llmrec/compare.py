@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
 from llmrec import model as llmrec_model
 from llmrec import registry
@@ -26,15 +25,6 @@ from llmrec.report import render_table
 from llmrec.window import Window, cut
 
 
-def _version(name: str, version: str) -> registry.ModelVersionInfo:
-    try:
-        return registry._info(MlflowClient().get_model_version(name, str(version)))
-    except MlflowException as exc:
-        if exc.error_code in registry._ABSENT:
-            raise LlmrecError(f"registered model {name!r} has no version {version!r}") from exc
-        raise
-
-
 def _watermark(info: registry.ModelVersionInfo) -> int:
     return int(info.tags.get(registry.WATERMARK_TAG, 0))
 
@@ -44,7 +34,7 @@ def night_window(home: Home, name: str, info: registry.ModelVersionInfo, config:
     the curated events after the watermark of the version it resumed from (run tag
     `resumed_from`) up to its own; the anchor set is the home's."""
     resumed = MlflowClient().get_run(info.run_id).data.tags.get("resumed_from", "pretrained")
-    since = 0 if resumed == "pretrained" else _watermark(_version(name, resumed))
+    since = 0 if resumed == "pretrained" else _watermark(registry.get_version(name, resumed))
     if not home.anchor.exists():
         raise LlmrecError(f"{home.anchor} is missing: no anchor set to compare the versions on")
     anchor = pd.read_parquet(home.anchor)
@@ -61,7 +51,8 @@ def night_window(home: Home, name: str, info: registry.ModelVersionInfo, config:
 def paired_comparison(home: Home, name: str, a: str, b: str, config: NightlyConfig) -> str:
     """Text: both versions scored on the later one's held-out and anchor rows, the gate's
     checks (later minus earlier, paired intervals) and the metrics per segment."""
-    infos = sorted((_version(name, a), _version(name, b)), key=lambda i: (_watermark(i), int(i.version)))
+    infos = sorted((registry.get_version(name, a), registry.get_version(name, b)),
+                   key=lambda i: (_watermark(i), int(i.version)))
     earlier, later = infos
     window = night_window(home, name, later, config)
     with tempfile.TemporaryDirectory() as scratch:

@@ -109,6 +109,16 @@ def _info(mv) -> ModelVersionInfo:
     )
 
 
+def get_version(name: str, version: str) -> ModelVersionInfo:
+    """Version `version` of registered model `name`; a missing one is a user's error."""
+    try:
+        return _info(MlflowClient().get_model_version(name, str(version)))
+    except MlflowException as exc:
+        if exc.error_code in _ABSENT:
+            raise LlmrecError(f"registered model {name!r} has no version {version!r}") from exc
+        raise
+
+
 def get_alias(name: str, alias: str) -> ModelVersionInfo | None:
     """The version of registered model `name` carrying `alias`, or None when the model or the
     alias does not exist."""
@@ -315,12 +325,7 @@ def rollback(name: str, version: str | None = None) -> str:
             )
         version = target.version
     else:
-        try:
-            client.get_model_version(name, str(version))
-        except MlflowException as exc:
-            if exc.error_code in _ABSENT:
-                raise LlmrecError(f"registered model {name!r} has no version {version!r}") from exc
-            raise
+        get_version(name, version)
     current = get_alias(name, CHAMPION)
     if current is not None and current.version == str(version):
         return current.version
@@ -595,14 +600,7 @@ def compare_versions(name: str, a: str, b: str, rescore: Callable[[str, str], st
     the other (same rows, with intervals and segments); otherwise `rescore(a, b)`, both
     scored on the same rows now (`llmrec.compare.paired_comparison`)."""
     client = MlflowClient()
-    runs = {}
-    for version in (a, b):
-        try:
-            runs[version] = client.get_run(client.get_model_version(name, str(version)).run_id)
-        except MlflowException as exc:
-            if exc.error_code in _ABSENT:
-                raise LlmrecError(f"registered model {name!r} has no version {version!r}") from exc
-            raise
+    runs = {version: client.get_run(get_version(name, version).run_id) for version in (a, b)}
     rows = []
     for key in sorted(set(runs[a].data.metrics) | set(runs[b].data.metrics)):
         if not key.startswith("challenger."):
