@@ -6,7 +6,7 @@
 MovieLens-100k is replayed as weekly nights (the first four weeks bootstrap the first model)
 through the flow's own stages: `window.split`, `train.fine_tune` from the served champion,
 `evaluate.evaluate_models` (challenger and champion on the same held-out and anchor rows),
-`monitor.night_record` and `gate.decide` + `gate.hold_for_drift`. Each rule (`point`, the
+`monitor.night_drift` and `gate.decide` + `gate.hold_for_drift`. Each rule (`point`, the
 earlier rule, and `bootstrap`) runs its own chain: its served champion is what it promoted.
 
 Truth, which the gate never sees: challenger and champion are both scored on the following
@@ -52,7 +52,7 @@ from llmrec.evaluate import evaluate_models, evaluate_sample  # noqa: E402
 from llmrec.gate import decide, hold_for_drift, paired_interval  # noqa: E402
 from llmrec.history import History, footer  # noqa: E402
 from llmrec.model import Champion  # noqa: E402
-from llmrec.monitor import drift_hold, night_record  # noqa: E402
+from llmrec.monitor import drift_hold, night_drift  # noqa: E402
 from llmrec.report import render_table  # noqa: E402
 from llmrec.schema import CatalogTexts, render_text  # noqa: E402
 from llmrec.scoring import Scorer  # noqa: E402
@@ -108,7 +108,7 @@ class Replay:
                                   self.cache, self.texts, config)
         decision = decide(metrics["challenger"], metrics["champion"], metrics["global_mean"], config.gate,
                           metrics["samples"])
-        drift = night_record(history, champion.ingest_watermark, self.texts, config.monitor) if champion.version else None
+        drift = night_drift(history, champion.ingest_watermark, self.texts, config.monitor) if champion.version else None
         return hold_for_drift(decision, drift_hold(drift, config.monitor)), metrics
 
     def truth(self, challenger, champion: Champion, night: int) -> tuple[str | None, str]:

@@ -3,7 +3,10 @@
 
 Every event row is described by the columns below; tonight's new rows (ingest sequence
 above the champion's watermark) are the current data, a seeded uniform sample of the older
-curated rows (`monitor.reference_rows`) the reference.
+curated rows (`monitor.reference_rows`) the reference. After a rejected night the new rows
+span several ingest batches; each batch is then also measured on its own, so a bad batch
+cannot hide among clean ones, and it keeps holding the challenger while it is in the
+training window (until an engineer approves, or the champion moves past it).
 
     rating          the rating itself
     user_ratings    ratings the row's user gave in the row's night (heavy raters, bots)
@@ -36,13 +39,14 @@ CATEGORICAL = ["new_user", "new_item"]
 
 
 def drift_columns(history: History, watermark: int, texts: CatalogTexts, reference_rows: int,
-                  seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  seed: int, current: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(reference, current): the monitored columns of a uniform sample of `reference_rows`
     history rows (ingest sequence <= `watermark`; all of them when there are fewer) and of
-    tonight's new rows. Only those rows are read, plus, for the counts and first nights of
-    their users and items, a scan of two columns filtered to those users and items."""
+    tonight's new rows (`current`, read here when not given), in their order. Only those rows
+    are read, plus, for the counts and first nights of their users and items, a scan of two
+    columns filtered to those users and items."""
     reference = history.sample_older(watermark, reference_rows, seed)
-    current = history.new_rows(watermark)
+    current = history.new_rows(watermark) if current is None else current
     rows = pd.concat([reference, current], ignore_index=True)
     seq = rows["_ingest_seq"]
     users, user_nights = history.activity("user_id", rows, watermark)
@@ -75,6 +79,8 @@ class DriftRecord:
     html: str = ""
     # Tonight's one-value raters (`one_value_raters`), e.g. "user 7: 500 ratings, 100% 5".
     raters: list[str] = field(default_factory=list)
+    # When the new rows span several ingest batches: each batch's own record, by sequence.
+    batches: dict[int, DriftRecord] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """MLflow metrics: drift.share, drift.<column> (the pinned method's score) and
@@ -121,6 +127,10 @@ def drift_hold(record: DriftRecord | None, config: MonitorConfig) -> str | None:
     names the raters, or the columns and their scores."""
     if record is None:
         return None
+    for seq, batch in sorted(record.batches.items()):
+        reason = drift_hold(batch, config)
+        if reason:
+            return f"ingest batch {seq} ({batch.current_rows} of the {record.current_rows} new rows): {reason}"
     named = [c for c in record.drifted if c in config.hold_columns and record.scores[c] >= config.hold_threshold]
     if record.raters:
         return (f"one-value raters tonight ({', '.join(record.raters)}; monitor.rater_min_ratings "
@@ -135,11 +145,22 @@ def drift_hold(record: DriftRecord | None, config: MonitorConfig) -> str | None:
 
 
 def night_drift(history: History, watermark: int, texts: CatalogTexts, config: MonitorConfig) -> DriftRecord | None:
-    """Tonight's drift record; None on the first night (no history) or without new rows."""
-    reference, current = drift_columns(history, watermark, texts, config.reference_rows, config.seed)
+    """Tonight's drift record, with one record per ingest batch when the new rows span
+    several (each with its one-value raters); None on the first night (no history) or
+    without new rows."""
+    new_rows = history.new_rows(watermark)
+    reference, current = drift_columns(history, watermark, texts, config.reference_rows, config.seed, new_rows)
     if reference.empty or current.empty:
         return None
-    return measure_drift(reference, current, config)
+    record = measure_drift(reference, current, config)
+    record.raters = one_value_raters(new_rows, config)
+    sequences = new_rows["_ingest_seq"].to_numpy()
+    if len(np.unique(sequences)) > 1:
+        for seq in np.unique(sequences):
+            batch = measure_drift(reference, current[sequences == seq].reset_index(drop=True), config)
+            batch.raters = one_value_raters(new_rows[sequences == seq], config)
+            record.batches[int(seq)] = batch
+    return record
 
 
 def one_value_raters(new_rows: pd.DataFrame, config: MonitorConfig) -> list[str]:
@@ -153,11 +174,3 @@ def one_value_raters(new_rows: pd.DataFrame, config: MonitorConfig) -> list[str]
         if shares.iloc[0] > config.rater_max_share:
             found.append(f"user {user}: {len(ratings)} ratings, {shares.iloc[0]:.0%} {shares.index[0]:g}")
     return found
-
-
-def night_record(history: History, watermark: int, texts: CatalogTexts, config: MonitorConfig) -> DriftRecord | None:
-    """`night_drift` with tonight's one-value raters (`one_value_raters`) on the record."""
-    record = night_drift(history, watermark, texts, config)
-    if record is not None:
-        record.raters = one_value_raters(history.new_rows(watermark), config)
-    return record

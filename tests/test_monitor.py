@@ -124,7 +124,7 @@ def test_trend_history_table_and_png(tmp_path, monkeypatch):
 
 def test_one_value_raters_are_named_and_hold_the_challenger(tmp_path):
     from llmrec.ingest import IngestResult
-    from llmrec.monitor import DriftRecord, night_record, one_value_raters
+    from llmrec.monitor import DriftRecord, night_drift, one_value_raters
     from llmrec.report import run_report
 
     def bot(frame):
@@ -137,7 +137,7 @@ def test_one_value_raters_are_named_and_hold_the_challenger(tmp_path):
     config = MonitorConfig()
     # "fan" is 83% 5.0, "few" has too few ratings to judge; only "bot" is flagged.
     assert one_value_raters(events[events["_ingest_seq"] == 2], config) == ["user bot: 120 ratings, 100% 5"]
-    record = night_record(history_of(events, tmp_path), 1, TEXTS, config)
+    record = night_drift(history_of(events, tmp_path), 1, TEXTS, config)
     assert record.raters == ["user bot: 120 ratings, 100% 5"] and record.metrics()["drift.one_value_raters"] == 1.0
     assert drift_hold(record, config) == ("one-value raters tonight (user bot: 120 ratings, 100% 5; "
                                           "monitor.rater_min_ratings 100, monitor.rater_max_share 0.95)")
@@ -159,3 +159,30 @@ def test_the_rating_column_holds_only_from_the_hold_threshold():
     reason = drift_hold(record, MonitorConfig(hold_threshold=0.15))
     assert reason.startswith("new events drift from the history (rating drifted, score >= monitor.hold_threshold 0.15;")
     assert "rating 0.150, new_item 0.300" in reason
+
+
+@pytest.mark.parametrize("bad_batch", [2, 3])
+def test_a_bad_batch_holds_even_among_clean_new_rows(tmp_path, bad_batch):
+    """After a rejected night the new rows span two ingest batches: inverted ratings in one
+    batch of 500 rows hold the challenger although the 2,500 new rows together stay under
+    the hold threshold, whether the bad batch came first (it is still in the training
+    window) or tonight."""
+    sizes = {1: 1500, 2: 2000 if bad_batch == 3 else 500, 3: 500 if bad_batch == 3 else 2000}
+    rng = np.random.default_rng(3)
+    frame = pd.concat([pd.DataFrame({
+        "user_id": rng.integers(0, 200, n).astype(str), "item_id": rng.integers(0, 300, n).astype(str),
+        "rating": rng.choice([1.0, 2.0, 3.0, 4.0, 5.0], n, p=[0.06, 0.11, 0.27, 0.34, 0.22]), "_ingest_seq": seq})
+        for seq, n in sizes.items()], ignore_index=True)
+    bad = frame["_ingest_seq"] == bad_batch
+    frame.loc[bad, "rating"] = 6 - frame.loc[bad, "rating"]
+    config = MonitorConfig()
+    record = night_drift(history_of(frame, tmp_path), 1, TEXTS, config)
+    assert record.current_rows == 2500 and record.scores["rating"] < config.hold_threshold
+    assert sorted(record.batches) == [2, 3] and record.batches[bad_batch].current_rows == 500
+    assert record.batches[bad_batch].scores["rating"] >= config.hold_threshold
+    reason = drift_hold(record, config)
+    assert reason.startswith(f"ingest batch {bad_batch} (500 of the 2500 new rows): new events drift from the history "
+                             "(rating drifted")
+    # One batch since the champion: no per-batch records, the night's own record decides.
+    (tmp_path / "one").mkdir()
+    assert night_drift(history_of(frame[frame["_ingest_seq"] < 3], tmp_path / "one"), 1, TEXTS, config).batches == {}
