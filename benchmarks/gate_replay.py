@@ -4,9 +4,10 @@
     .venv/bin/python benchmarks/gate_replay.py --quick    # the first 6 nights, 2 injected bad nights
 
 MovieLens-100k is replayed as weekly nights (the first four weeks bootstrap the first model)
-through the flow's own stages: `window.split`, `train.fine_tune` from the served champion,
-`evaluate.evaluate_models` (challenger and champion on the same held-out and anchor rows),
-`monitor.night_drift` and `gate.decide` + `gate.hold_for_drift`. Each rule (`point`, the
+through the flow's own stages: `window.split` (the rows no gate has judged yet, as in the
+flow), `train.fine_tune` from the served champion, `evaluate.evaluate_models` (challenger
+and champion on the same held-out and anchor rows), `monitor.night_drift` and
+`gate.decide` + `gate.hold_for_drift`. Each rule (`point`, the
 earlier rule, and `bootstrap`) runs its own chain: its served champion is what it promoted.
 
 Truth, which the gate never sees: challenger and champion are both scored on the following
@@ -89,9 +90,12 @@ class Replay:
         self.events, self.texts, self.cache, self.config, self.workdir = events, texts, cache, config, workdir
         self.items = sorted(texts.items)
 
-    def challenger(self, champion: Champion, events: pd.DataFrame, night: int, anchor, config: NightlyConfig):
+    def challenger(self, champion: Champion, events: pd.DataFrame, night: int, since: int, anchor,
+                   config: NightlyConfig):
+        """Tonight's challenger, fine-tuned from `champion` on the rows after `since` (as the
+        flow: rows no gate has judged yet) plus the replay."""
         upto = events[events["_ingest_seq"] <= night]
-        window = split(upto, champion.ingest_watermark, anchor, config.training, config.evaluation)
+        window = split(upto, since, anchor, config.training, config.evaluation)
         trained = fine_tune(champion, self.cache, self.texts, window, config.model, config.training,
                             self.workdir / f"n{night}-{time.perf_counter_ns()}", "replay")
         return window, upto, trained
@@ -103,12 +107,13 @@ class Replay:
         return History([footer(str(path))])
 
     def gate(self, window, upto, trained, champion: Champion, config: NightlyConfig):
+        """The flow's evaluation, gate and drift hold (drift of the window's new rows)."""
         history = self.history(upto)
         metrics = evaluate_models(window, history, trained.checkpoint, champion.checkpoint,
                                   self.cache, self.texts, config)
         decision = decide(metrics["challenger"], metrics["champion"], metrics["global_mean"], config.gate,
                           metrics["samples"])
-        drift = night_drift(history, champion.ingest_watermark, self.texts, config.monitor) if champion.version else None
+        drift = night_drift(history, window.since, self.texts, config.monitor) if champion.version else None
         return hold_for_drift(decision, drift_hold(drift, config.monitor)), metrics
 
     def truth(self, challenger, champion: Champion, night: int) -> tuple[str | None, str]:
@@ -129,9 +134,10 @@ class Replay:
 
     def run(self, rule: str, nights: list[int], injected_at: dict[int, str]) -> list[dict]:
         config = self.config.model_copy(update={"gate": self.config.gate.model_copy(update={"rule": rule})})
-        champion, anchor, rows = Champion(), None, []
+        champion, anchor, rows, decided = Champion(), None, [], 0
         for night in [1] + nights:
-            window, upto, trained = self.challenger(champion, self.events, night, anchor, config)
+            since = max(champion.ingest_watermark, decided)
+            window, upto, trained = self.challenger(champion, self.events, night, since, anchor, config)
             anchor = window.anchor
             if champion.version is None:  # the bootstrap model serves from night 1
                 champion = Champion(version="1", checkpoint=trained.checkpoint)
@@ -147,13 +153,14 @@ class Replay:
                     bad_config = config.model_copy(update={"training": config.training.model_copy(
                         update={"lr": config.training.lr * 100})})
                 bad_events = inject(kind, self.events, night, self.items, seed=night)
-                w, u, t = self.challenger(champion, bad_events, night, anchor, bad_config)
+                w, u, t = self.challenger(champion, bad_events, night, since, anchor, bad_config)
                 bad_decision, _ = self.gate(w, u, t, champion, bad_config)
                 # Its truth is printed, not summarized: whether promoting it would have hurt.
                 bad_truth, bad_future = self.truth(t.checkpoint, champion, night)
                 rows.append({"night": night, "rule": rule, "kind": kind, "promoted": bad_decision.promote,
                              "truth": bad_truth, "future rmse difference": bad_future, "reason": bad_decision.reason[:160]})
             log.info("%s night %d: %s (truth %s)", rule, night, "promoted" if decision.promote else "rejected", truth)
+            decided = window.watermark
             if decision.promote:
                 champion = Champion(version=str(night), checkpoint=trained.checkpoint)
         return rows

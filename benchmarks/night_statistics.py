@@ -94,7 +94,7 @@ def main() -> None:
                     rows.append({"night": night, "kind": kind, "known rows": len(known), "mse ratio": mse / own,
                                  "spearman": rho, "rating": drift.scores["rating"],
                                  "top mode share": top_mode_share(new, config.monitor.rater_min_ratings)})
-            window, _, trained = replay.challenger(champion, events, night, anchor, config)
+            window, _, trained = replay.challenger(champion, events, night, champion.ingest_watermark, anchor, config)
             anchor = window.anchor
             champion = Champion(version=str(night), checkpoint=trained.checkpoint)
             own = fit(Scorer.from_checkpoint(trained.checkpoint, cache, texts, window.held_out), window.held_out)[0]

@@ -139,13 +139,16 @@ def run_night(config: NightlyConfig, home: Home, run_name: str) -> dict:
     cache = TextCache.for_model(home.cache, text_encoder, champion.model_config(config.model))
     progress.info("%s load: champion %s, %d events, %d items", run_name,
                   f"v{champion.version}" if champion.version else "none (first model)", history.rows, len(texts.items))
-    drift = t.drift(history, champion.ingest_watermark, texts, config) if champion.version else None
+    # New rows: those no gate has judged. A rejected night's rows are not retrained as new (one
+    # harmful week would otherwise sink every later challenger); they are replayed as older rows.
+    since = max(champion.ingest_watermark, recovered.decided_watermark)
+    drift = t.drift(history, since, texts, config) if champion.version else None
     if drift is not None:
         progress.info("%s drift: share %.2f, drifted %s", run_name, drift.share, ", ".join(drift.drifted) or "none")
         drifting = drift_hold(drift, config.monitor)
         if drifting:
             alert("llmrec.data.drift", run_name, drifting, share=drift.share, scores=drift.scores)
-    window = t.window(home, history, champion.ingest_watermark, config)
+    window = t.window(home, history, since, config)
     progress.info("%s window: %d train rows (%d replayed), %d held out, %d anchor", run_name, len(window.train),
                   window.replay_rows, len(window.held_out), len(window.anchor))
     if window.train.empty:

@@ -1,7 +1,7 @@
 """Any two registered versions scored on the same rows (`llmrec versions --compare A B`):
 the later version's night as its gate saw it, i.e. its held-out rows (cut again from the
-curated history by the window's own rule, between the watermark of the champion it was
-trained from and its own) and the anchor set, through `evaluate.evaluate_models` and the
+curated history by the window's own rule, between the ingest sequence its new rows started
+after and its own watermark) and the anchor set, through `evaluate.evaluate_models` and the
 gate's paired checks. The earlier version plays the champion."""
 
 from __future__ import annotations
@@ -31,10 +31,14 @@ def _watermark(info: registry.ModelVersionInfo) -> int:
 
 def night_window(home: Home, name: str, info: registry.ModelVersionInfo, config: NightlyConfig) -> Window:
     """The held-out and anchor rows version `info` was gated on: its night's new rows are
-    the curated events after the watermark of the version it resumed from (run tag
-    `resumed_from`) up to its own; the anchor set is the home's."""
-    resumed = MlflowClient().get_run(info.run_id).data.tags.get("resumed_from", "pretrained")
-    since = 0 if resumed == "pretrained" else _watermark(registry.get_version(name, resumed))
+    the curated events after its `new_rows_since` tag (for versions registered before the
+    tag: the watermark of the version it resumed from, run tag `resumed_from`) up to its own
+    watermark; the anchor set is the home's."""
+    if registry.SINCE_TAG in info.tags:
+        since = int(info.tags[registry.SINCE_TAG])
+    else:
+        resumed = MlflowClient().get_run(info.run_id).data.tags.get("resumed_from", "pretrained")
+        since = 0 if resumed == "pretrained" else _watermark(registry.get_version(name, resumed))
     if not home.anchor.exists():
         raise LlmrecError(f"{home.anchor} is missing: no anchor set to compare the versions on")
     anchor = pd.read_parquet(home.anchor)

@@ -2,11 +2,10 @@
 (an Evidently data-drift report), and whether that drift must hold the challenger back.
 
 Every event row is described by the columns below; tonight's new rows (ingest sequence
-above the champion's watermark) are the current data, a seeded uniform sample of the older
-curated rows (`monitor.reference_rows`) the reference. After a rejected night the new rows
-span several ingest batches; each batch is then also measured on its own, so a bad batch
-cannot hide among clean ones, and it keeps holding the challenger while it is in the
-training window (until an engineer approves, or the champion moves past it).
+above the watermark: rows no gate has judged yet, see llmrec.window) are the current data,
+a seeded uniform sample of the older curated rows (`monitor.reference_rows`) the reference.
+When the new rows span several ingest batches (after a night that crashed before its gate)
+each batch is also measured on its own, so a bad batch cannot hide among clean ones.
 
     rating          the rating itself
     user_ratings    ratings the row's user gave in the row's night (heavy raters, bots)

@@ -26,12 +26,15 @@ class Recovery:
     set_aside: list[str] = field(default_factory=list)
     runs_failed: list[str] = field(default_factory=list)
     versions_settled: list[dict] = field(default_factory=list)
-    # Curated event rows above the newest decided version's watermark.
+    # The newest ingest sequence a decided version was judged on, and the curated event
+    # rows above it (not yet through a gate).
+    decided_watermark: int = 0
     untrained_rows: int = 0
 
     def summary(self) -> dict:
         return {"set_aside": self.set_aside, "runs_failed": self.runs_failed,
-                "versions_settled": self.versions_settled, "untrained_rows": self.untrained_rows}
+                "versions_settled": self.versions_settled, "decided_watermark": self.decided_watermark,
+                "untrained_rows": self.untrained_rows}
 
 
 def recover(home: Home, registered_model: str) -> Recovery:
@@ -51,4 +54,5 @@ def recover(home: Home, registered_model: str) -> Recovery:
     for entry in settled:
         log.warning("version %s of %s (night %s) had no decision: now %s", entry["version"], registered_model,
                     entry["night"], entry["decision"])
-    return Recovery(set_aside=set_aside, runs_failed=runs_failed, versions_settled=settled, untrained_rows=untrained)
+    return Recovery(set_aside=set_aside, runs_failed=runs_failed, versions_settled=settled,
+                    decided_watermark=watermark, untrained_rows=untrained)

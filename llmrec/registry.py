@@ -45,6 +45,8 @@ DECISION, PROMOTED, REJECTED, ABANDONED = "decision", "promoted", "rejected", "a
 NIGHT_TAG = "llmrec.night"
 # Newest ingest sequence in the data a version was trained and judged on.
 WATERMARK_TAG = "ingest_watermark"
+# The ingest sequence the version's new rows start after (llmrec.window: rows no gate had judged).
+SINCE_TAG = "new_rows_since"
 # Error codes MLflow uses for "no such registered model / alias / version".
 _ABSENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"}
 
@@ -568,7 +570,7 @@ def register_and_gate(config: NightlyConfig, run_name: str, window, curated, tra
             input_example = example[["user_id", "item_id"]].reset_index(drop=True)
             output_example = pd.DataFrame(
                 {"prediction": trained.scorer.predict(input_example["user_id"], input_example["item_id"])})
-            tags = {NIGHT_TAG: run_name, WATERMARK_TAG: str(window.watermark),
+            tags = {NIGHT_TAG: run_name, WATERMARK_TAG: str(window.watermark), SINCE_TAG: str(window.since),
                     CHECKPOINT_FILES_TAG: json.dumps(file_digests(trained.checkpoint_dir), separators=(",", ":"))}
             version = log_model_version(config.registered_model, trained.checkpoint_dir, str(PYFUNC_MODEL),
                                         input_example, output_example, PIP_REQUIREMENTS,

@@ -1,6 +1,10 @@
 """Which rows a nightly run trains on and which it is judged on.
 
-    new rows   curated rows the champion has not seen (ingest sequence > its watermark)
+    new rows   curated rows no gate has judged yet: ingest sequence above the champion's
+               watermark and above every decided (promoted or rejected) version's. A
+               rejected night's rows are not trained as new again on later nights (so one
+               harmful week cannot hold every later challenger back); they stay in the
+               history and are replayed like any older row
     anchor     a fixed sample drawn from the first night's rows, never trained on, so
                every later model is scored on the same old rows (exposes forgetting)
     held_out   the newest slice by time of the new rows, not trained on tonight
@@ -36,6 +40,8 @@ class Window:
     # The newest ingest sequence among the events the window was cut from: a model trained
     # on it has seen everything up to here.
     watermark: int = 0
+    # The new rows are those with ingest sequence above this one.
+    since: int = 0
 
     def summary(self) -> dict:
         return {
@@ -79,8 +85,8 @@ def split(events: pd.DataFrame, watermark: int, anchor: pd.DataFrame | None,
 
 def cut(new: pd.DataFrame, draw_older: Callable[[int, int], pd.DataFrame], watermark: int, latest: int,
         anchor: pd.DataFrame | None, training: TrainingConfig, evaluation: EvaluationConfig) -> Window:
-    """Tonight's window from the `new` rows (ingest sequence > `watermark`, the champion's;
-    0 before the first model) and `draw_older(count, seed)`, a uniform sample of the older
+    """Tonight's window from the `new` rows (ingest sequence > `watermark`: not yet judged
+    by a gate; 0 before the first model) and `draw_older(count, seed)`, a uniform sample of the older
     rows. `anchor` is None on the first night; `latest` is the newest ingest sequence."""
     if anchor is None:
         anchor = draw_anchor(new, evaluation.anchor_fraction, training.seed)
@@ -96,7 +102,7 @@ def cut(new: pd.DataFrame, draw_older: Callable[[int, int], pd.DataFrame], water
     train = pd.concat([new_train, replay], ignore_index=True)
     return Window(train=train.reset_index(drop=True), held_out=held_out.reset_index(drop=True),
                   anchor=anchor.reset_index(drop=True), new_rows=len(new), replay_rows=len(replay),
-                  watermark=latest)
+                  watermark=latest, since=watermark)
 
 
 def prepare_window(home: Home, history: History, watermark: int, training: TrainingConfig,

@@ -147,6 +147,20 @@ def test_nightly_flow_end_to_end(prefect_server, world):
     history = versions(config)
     assert list(history["version"]) == [str(v) for v in range(1, int(fourth["version"]) + 1)]
 
+    # Night 5: the clean ratings arrive (a second later). The rejected night's inverted rows
+    # are not new rows again (they stay in the history, replayable): tonight trains on and
+    # is judged by its own drop, which does not drift.
+    clean = pd.read_parquet(world["drops"] / "events" / f"events-{tag}.parquet")
+    clean["timestamp"] += pd.Timedelta(seconds=1)
+    clean.to_parquet(landing / "events" / f"clean-{tag}.parquet", index=False)
+    fifth = run_night(world, [])
+    inverted_watermark = int(rejected.tags[registry.WATERMARK_TAG])
+    assert fifth["recovery"]["decided_watermark"] == inverted_watermark
+    assert fifth["window"]["new_rows"] == len(clean), fifth["window"]
+    assert fifth["resumed_from"] == champion_before and not fifth["decision"]["drift_hold"]
+    tags_of_fifth = MlflowClient().get_model_version(config.registered_model, fifth["version"]).tags
+    assert tags_of_fifth[registry.SINCE_TAG] == str(inverted_watermark)
+
 
 def test_changed_landing_file_is_reported(prefect_server, world):
     landing = world["root"] / "landing"
