@@ -120,7 +120,7 @@ def timed(out: dict, key: str, device: str = "cpu"):
         out[key] = out.get(key, 0.0) + time.perf_counter() - start
 
 
-def _status_kib(field_name: str) -> int | None:
+def status_kib(field_name: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field_name + ":"):
@@ -143,7 +143,7 @@ def reset_peak_rss() -> bool:
 def peak_rss() -> int:
     """Peak resident memory in bytes: since the last `reset_peak_rss()` where the kernel
     supports it, otherwise over the whole process."""
-    kib = _status_kib("VmHWM")
+    kib = status_kib("VmHWM")
     if kib is None:
         kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return kib * 1024

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -144,6 +145,28 @@ class History:
                 total = total.sub(present[column].value_counts(), fill_value=0)
             totals[column] = total[total > 0].astype("int64").sort_index().rename_axis(column)
         return totals["user_id"], totals["item_id"]
+
+    def rated_positions(self, item_ids: list[str]) -> dict[str, np.ndarray]:
+        """Per user, the positions in `item_ids` of the items they rated (events of other
+        items are left out), from a scan of the two id columns batch by batch: the serving
+        model's "already rated" sets without the history as one frame."""
+        dataset = self._dataset(self.files)
+        catalog = pa.array(item_ids, type=pa.string())
+        users, positions = [], []
+        for batch in dataset.to_batches(columns=["user_id", "item_id"], batch_size=SCAN_ROWS) if dataset else ():
+            position = pc.index_in(batch.column("item_id").cast(pa.string()), value_set=catalog)
+            known = pc.is_valid(position)
+            users.append(pc.filter(batch.column("user_id").cast(pa.string()), known))
+            positions.append(pc.filter(position, known).to_numpy(zero_copy_only=False).astype(np.int64))
+        if not users:
+            return {}
+        encoded = pa.chunked_array(users, type=pa.string()).combine_chunks().dictionary_encode()
+        codes, names = encoded.indices.to_numpy(zero_copy_only=False), encoded.dictionary.to_pylist()
+        position = np.concatenate(positions)
+        order = np.argsort(codes, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(codes[order]) != 0])
+        ends = np.r_[starts[1:], len(order)]
+        return {names[codes[order[start]]]: position[order[start:end]] for start, end in zip(starts, ends)}
 
     def activity(self, column: str, rows: pd.DataFrame, watermark: int) -> tuple[pd.DataFrame, pd.Series]:
         """What the history holds about the values of `column` (user_id or item_id) found in

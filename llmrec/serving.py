@@ -26,7 +26,8 @@ from llmrec.compress import compress_encoder, quantize_int8
 from llmrec.config import Compression, Home
 from llmrec.encoder import Encoder, TextCache, load_encoder
 from llmrec.files import replace_atomically
-from llmrec.ingest import read_catalog_texts, read_events
+from llmrec.history import History
+from llmrec.ingest import read_catalog_texts
 from llmrec.model import Checkpoint, load, read_state
 from llmrec.scoring import Scorer, side_vectors
 
@@ -173,11 +174,11 @@ def build_served_model(version: str, checkpoint_dir: Path, home: Home, text_path
         item_vec, item_bias = text_path.vectors(checkpoint_dir, new_items, [texts.items[i] for i in new_items],
                                                 False) if new_items else nothing
         scorer = scorer.extended(new_users, user_vec, user_bias, new_items, item_vec, item_bias)
-    events = read_events(home)[["user_id", "item_id"]]
-    events = events[events["item_id"].isin(scorer.item_index)]
-    positions = events["item_id"].map(scorer.item_index).to_numpy(dtype=np.int64)
-    rated = {user: torch.as_tensor(positions[rows]) for user, rows in events.groupby("user_id").indices.items()}
-    counts = events["item_id"].value_counts()
+    # Scanned column by column, batch by batch: an API worker never holds the history as a frame.
+    history = History.open(home)
+    rated = {user: torch.from_numpy(positions) for user, positions in history.rated_positions(scorer.item_ids).items()}
+    counts = history.counts()[1]
+    counts = counts[counts.index.isin(scorer.item_index)]
     # Most rated first; ties by id, so every worker and replica answers the same list.
     popular = sorted(counts.index, key=lambda i: (-counts[i], i))
     # Items nobody rated yet follow, best item bias first, so a popular list is never short.

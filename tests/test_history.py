@@ -145,3 +145,20 @@ def test_segment_counts_through_history_match_the_whole_frame(home):
     new = segment_masks(part, users, items, config)
     old = segment_masks(part, outside.groupby("user_id").size(), outside.groupby("item_id").size(), config)
     assert all((new[segment] == old[segment]).all() for segment in old)
+
+
+def test_rated_positions_match_the_whole_frame_grouped_by_user(home, monkeypatch):
+    """The serving model's rated sets, scanned in batches of 7 rows, equal the whole history
+    grouped by user; items outside the given catalog are left out."""
+    import llmrec.history
+
+    events = ingest.read_events(home)
+    catalog = sorted(events["item_id"].unique())[::2] + ["never-rated"]
+    index = {item: i for i, item in enumerate(catalog)}
+    kept = events[events["item_id"].isin(index)]
+    expected = {user: sorted(rows["item_id"].map(index)) for user, rows in kept.groupby("user_id")}
+    monkeypatch.setattr(llmrec.history, "SCAN_ROWS", 7)
+    rated = History.open(home).rated_positions(catalog)
+    assert {user: sorted(positions.tolist()) for user, positions in rated.items()} == expected
+    assert all(positions.dtype == np.int64 for positions in rated.values())
+    assert History([]).rated_positions(catalog) == {}
