@@ -14,7 +14,9 @@ Truth, which the gate never sees: challenger and champion are both scored on the
 4 weeks of ratings (neither trained on them), and the RMSE difference gets its own paired
 bootstrap interval (rows resampled, 95%, 2000 resamples). "Truly better" = the whole
 interval below 0, "truly worse" = the whole interval above 0, otherwise a tie (the future
-rows cannot tell them apart). Nights with fewer than 4 following weeks are not judged.
+rows cannot tell them apart). Nights with fewer than 4 following weeks are not judged. The
+recall@10 difference over the same weeks (users resampled) is printed beside it, not
+counted: what the gate's ranking checks stand for.
 
 Injected bad nights (gated against the same champion, never served): the night's new
 ratings inverted (6 - r); 30% of them shuffled between rows; one new user with 500
@@ -50,7 +52,7 @@ from llmrec.config import NightlyConfig, parse_sets  # noqa: E402
 from llmrec.data import load_movielens  # noqa: E402
 from llmrec.encoder import TextCache, load_encoder  # noqa: E402
 from llmrec.evaluate import evaluate_models, evaluate_sample  # noqa: E402
-from llmrec.gate import decide, hold_for_drift, paired_interval  # noqa: E402
+from llmrec.gate import decide, hold_for_drift, paired_interval, paired_values  # noqa: E402
 from llmrec.history import History, footer  # noqa: E402
 from llmrec.model import Champion  # noqa: E402
 from llmrec.monitor import drift_hold, night_drift  # noqa: E402
@@ -116,21 +118,26 @@ class Replay:
         drift = night_drift(history, window.since, self.texts, config.monitor) if champion.version else None
         return hold_for_drift(decision, drift_hold(drift, config.monitor)), metrics
 
-    def truth(self, challenger, champion: Champion, night: int) -> tuple[str | None, str]:
+    def truth(self, challenger, champion: Champion, night: int) -> tuple[str | None, str, str]:
         """better / worse / tie on the following weeks' RMSE (None without enough weeks), and
-        the RMSE difference challenger - champion with its interval, as text."""
+        the differences challenger - champion with their intervals, as text: RMSE (the truth)
+        and recall@K (printed beside it, users resampled: what the gate's ranking checks
+        stand for)."""
         last = int(self.events["_ingest_seq"].max())
         if night + FUTURE_WEEKS > last:
-            return None, ""
+            return None, "", ""
         future = self.events[(self.events["_ingest_seq"] > night) & (self.events["_ingest_seq"] <= night + FUTURE_WEEKS)]
         seen = self.events[self.events["_ingest_seq"] <= night][["user_id", "item_id"]]
-        errors = []
+        samples = []
         for checkpoint in (challenger, champion.checkpoint):
             scorer = Scorer.from_checkpoint(checkpoint, self.cache, self.texts, future)
-            errors.append(evaluate_sample(scorer, future, seen, self.config.evaluation.k,
-                                          self.config.evaluation.relevant_rating)[1].errors)
-        difference, low, high = paired_interval("rmse", errors[0] ** 2, errors[1] ** 2, 2000, 0.95, seed=night)
-        return "better" if high < 0 else "worse" if low > 0 else "tie", f"{difference:+.4f} [{low:+.4f}, {high:+.4f}]"
+            samples.append(evaluate_sample(scorer, future, seen, self.config.evaluation.k,
+                                           self.config.evaluation.relevant_rating)[1])
+        difference, low, high = paired_interval("rmse", *paired_values("rmse", *samples), 2000, 0.95, seed=night)
+        recall = f"recall_at_{self.config.evaluation.k}"
+        r_difference, r_low, r_high = paired_interval(recall, *paired_values(recall, *samples), 2000, 0.95, seed=night)
+        return ("better" if high < 0 else "worse" if low > 0 else "tie", f"{difference:+.4f} [{low:+.4f}, {high:+.4f}]",
+                f"{r_difference:+.4f} [{r_low:+.4f}, {r_high:+.4f}]")
 
     def run(self, rule: str, nights: list[int], injected_at: dict[int, str]) -> list[dict]:
         config = self.config.model_copy(update={"gate": self.config.gate.model_copy(update={"rule": rule})})
@@ -143,9 +150,10 @@ class Replay:
                 champion = Champion(version="1", checkpoint=trained.checkpoint)
                 continue
             decision, _ = self.gate(window, upto, trained, champion, config)
-            truth, future = self.truth(trained.checkpoint, champion, night)
+            truth, future, future_recall = self.truth(trained.checkpoint, champion, night)
             rows.append({"night": night, "rule": rule, "kind": "clean", "promoted": decision.promote, "truth": truth,
-                         "future rmse difference": future, "reason": decision.reason[:160]})
+                         "future rmse difference": future, "future recall difference": future_recall,
+                         "reason": decision.reason[:160]})
             if night in injected_at:
                 kind = injected_at[night]
                 bad_config = config
@@ -156,9 +164,10 @@ class Replay:
                 w, u, t = self.challenger(champion, bad_events, night, since, anchor, bad_config)
                 bad_decision, _ = self.gate(w, u, t, champion, bad_config)
                 # Its truth is printed, not summarized: whether promoting it would have hurt.
-                bad_truth, bad_future = self.truth(t.checkpoint, champion, night)
+                bad_truth, bad_future, bad_recall = self.truth(t.checkpoint, champion, night)
                 rows.append({"night": night, "rule": rule, "kind": kind, "promoted": bad_decision.promote,
-                             "truth": bad_truth, "future rmse difference": bad_future, "reason": bad_decision.reason[:160]})
+                             "truth": bad_truth, "future rmse difference": bad_future,
+                             "future recall difference": bad_recall, "reason": bad_decision.reason[:160]})
             log.info("%s night %d: %s (truth %s)", rule, night, "promoted" if decision.promote else "rejected", truth)
             decided = window.watermark
             if decision.promote:

@@ -64,4 +64,5 @@ def test_gate_replay_quick_runs_both_rules(movielens):
     table = [line for line in lines if line.startswith(("point ", "bootstrap "))]
     assert len(table) == 2, run.stdout[-3000:]
     assert "injected promoted" in run.stdout and "weeks lagged" in run.stdout
+    assert "future rmse difference" in run.stdout and "future recall difference" in run.stdout
     assert sum(" inverted " in line or " shuffled " in line for line in lines) == 4  # 2 injections x 2 rules
