@@ -86,8 +86,9 @@ def split(events: pd.DataFrame, watermark: int, anchor: pd.DataFrame | None,
 def cut(new: pd.DataFrame, draw_older: Callable[[int, int], pd.DataFrame], watermark: int, latest: int,
         anchor: pd.DataFrame | None, training: TrainingConfig, evaluation: EvaluationConfig) -> Window:
     """Tonight's window from the `new` rows (ingest sequence > `watermark`: not yet judged
-    by a gate; 0 before the first model) and `draw_older(count, seed)`, a uniform sample of the older
-    rows. `anchor` is None on the first night; `latest` is the newest ingest sequence."""
+    by a gate; 0 before the first model) and `draw_older(count, seed)`, a uniform sample of
+    the older rows. `anchor` is None on the first night; `latest` is the newest ingest
+    sequence."""
     if anchor is None:
         anchor = draw_anchor(new, evaluation.anchor_fraction, training.seed)
     new = without(new, anchor).sort_values("timestamp", kind="stable")
