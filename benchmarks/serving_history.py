@@ -7,9 +7,9 @@
 A synthetic curated history (the catalog of benchmarks/scale.py: 160,000 users, 60,000
 items; one file per day, as ingest writes them) is read twice, each in a fresh process so
 its peak RSS is its own: `frame`, the whole history as one pandas frame grouped by user (what
-`serving.build_served_model` did before), and `scan`, `History.rated_positions` plus
-`History.counts` (what it does now: two id columns scanned batch by batch). Both must give
-the same rated sets and counts (checked by a digest). Peak RSS is counted above what the
+`serving.build_served_model` did before), and `scan`, `History.rated_positions` with the
+counts taken from the same positions (what it does now: the two id columns scanned batch by
+batch, once). Both must give the same rated sets and counts (checked by a digest). Peak RSS is counted above what the
 process held after its imports.
 """
 
@@ -81,10 +81,10 @@ def measure(mode: str, home_root: Path, items_file: Path) -> dict:
         rated = {user: positions[rows] for user, rows in events.groupby("user_id").indices.items()}
         counts = events["item_id"].value_counts()
     else:
-        history = History.open(home)
-        rated = history.rated_positions(item_ids)
-        counts = history.counts()[1]
-        counts = counts[counts.index.isin(index)]
+        rated = History.open(home).rated_positions(item_ids)
+        counts = pd.Series(np.bincount(np.concatenate([*rated.values(), np.zeros(0, np.int64)]),
+                                       minlength=len(item_ids)), index=item_ids)
+        counts = counts[counts > 0]
     seconds = time.perf_counter() - started
     return {"mode": mode, "seconds": seconds, "peak_rss": common.peak_rss() - imports, "users": len(rated),
             "digest": digest(rated, counts.rename(None).rename_axis(None))}

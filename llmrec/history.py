@@ -151,9 +151,11 @@ class History:
         items are left out), from a scan of the two id columns batch by batch: the serving
         model's "already rated" sets without the history as one frame."""
         dataset = self._dataset(self.files)
+        if dataset is None:
+            return {}
         catalog = pa.array(item_ids, type=pa.string())
         users, positions = [], []
-        for batch in dataset.to_batches(columns=["user_id", "item_id"], batch_size=SCAN_ROWS) if dataset else ():
+        for batch in dataset.to_batches(columns=["user_id", "item_id"], batch_size=SCAN_ROWS):
             position = pc.index_in(batch.column("item_id").cast(pa.string()), value_set=catalog)
             known = pc.is_valid(position)
             users.append(pc.filter(batch.column("user_id").cast(pa.string()), known))

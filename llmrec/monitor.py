@@ -93,9 +93,11 @@ class DriftRecord:
                  "drifted": "yes" if column in self.drifted else "no"} for column, score in self.scores.items()]
 
 
-def measure_drift(reference: pd.DataFrame, current: pd.DataFrame, config: MonitorConfig) -> DriftRecord:
+def measure_drift(reference: pd.DataFrame, current: pd.DataFrame, config: MonitorConfig,
+                  snapshot: bool = True) -> DriftRecord:
     """Run Evidently's data-drift preset with the pinned method on every monitored column.
-    The reference is subsampled to `config.reference_rows` (seeded) to bound the cost."""
+    The reference is subsampled to `config.reference_rows` (seeded) to bound the cost.
+    `snapshot=False` keeps the scores only (no JSON and HTML rendered)."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
@@ -112,6 +114,9 @@ def measure_drift(reference: pd.DataFrame, current: pd.DataFrame, config: Monito
     scores = {column: scores[column] for column in NUMERIC + CATEGORICAL if column in scores}
     drifted = [column for column, score in scores.items() if score >= config.column_threshold]
     share = len(drifted) / len(scores) if scores else 0.0
+    if not snapshot:
+        return DriftRecord(config.drift_method, config.column_threshold, scores, drifted, share, len(reference),
+                           len(current))
     with tempfile.TemporaryDirectory() as scratch:
         snapshot.save_html(str(Path(scratch) / "drift.html"))
         html = (Path(scratch) / "drift.html").read_text()
@@ -156,7 +161,9 @@ def night_drift(history: History, watermark: int, texts: CatalogTexts, config: M
     sequences = new_rows["_ingest_seq"].to_numpy()
     if len(np.unique(sequences)) > 1:
         for seq in np.unique(sequences):
-            batch = measure_drift(reference, current[sequences == seq].reset_index(drop=True), config)
+            # Only the scores decide a hold; the night's record carries the report.
+            batch = measure_drift(reference, current[sequences == seq].reset_index(drop=True), config,
+                                  snapshot=False)
             batch.raters = one_value_raters(new_rows[sequences == seq], config)
             record.batches[int(seq)] = batch
     return record
