@@ -11,7 +11,9 @@ night, clean and with each injection of gate_replay (`inject`), it prints:
   correlation of its prediction with the rating);
 - `rating` drift: the Jensen-Shannon score of `monitor.night_drift` (what the drift hold uses);
 - `top mode share`: among users with >= `monitor.rater_min_ratings` ratings tonight, the
-  largest share of one rating value (`monitor.one_value_raters` flags > rater_max_share).
+  largest share of one rating value (`monitor.one_value_raters` flags > rater_max_share);
+- `consistency`: the rating consistency of `monitor.night_drift` (per user, tonight's
+  ratings against the items' mean rating in the history; `monitor.min_rating_consistency`).
 
 and, per statistic, the range over ordinary weeks against the range over each injection.
 """
@@ -93,7 +95,8 @@ def main() -> None:
                                         texts, config.monitor)
                     rows.append({"night": night, "kind": kind, "known rows": len(known), "mse ratio": mse / own,
                                  "spearman": rho, "rating": drift.scores["rating"],
-                                 "top mode share": top_mode_share(new, config.monitor.rater_min_ratings)})
+                                 "top mode share": top_mode_share(new, config.monitor.rater_min_ratings),
+                                 "consistency": drift.consistency, "consistency users": drift.consistency_users})
             window, _, trained = replay.challenger(champion, events, night, champion.ingest_watermark, anchor, config)
             anchor = window.anchor
             champion = Champion(version=str(night), checkpoint=trained.checkpoint)
@@ -101,7 +104,7 @@ def main() -> None:
     frame = pd.DataFrame(rows)
     print(render_table(frame.to_dict("records"), style="text"))
     ranges = []
-    for statistic in ("mse ratio", "spearman", "rating", "top mode share"):
+    for statistic in ("mse ratio", "spearman", "rating", "top mode share", "consistency"):
         values = frame.pivot(index="night", columns="kind", values=statistic)
         ranges.append({"statistic": statistic} | {kind: f"{values[kind].min():.3f} .. {values[kind].max():.3f}"
                                                   for kind in KINDS})

@@ -328,6 +328,22 @@ class MonitorConfig(BaseModel):
         description="What 'nearly all' means for monitor.rater_min_ratings: more than this share of the "
         "user's ratings tonight are one value (MovieLens users with 100+ ratings in a week reach 0.88).",
     )
+    min_rating_consistency: float = Field(
+        0.3, ge=-1.0, le=1.0,
+        description="Tonight's rating consistency (per user, the correlation of their new ratings with "
+        "the items' mean rating in the history, averaged over users) below this holds the challenger: "
+        "ratings attached to the wrong rows leave every distribution as it was. Ordinary MovieLens weeks "
+        "0.32-0.51, the same weeks with 30% of the ratings shuffled between rows 0.20-0.34 "
+        "(benchmarks/night_statistics.py); -1 switches the check off.",
+    )
+    consistency_min_ratings: int = Field(
+        5, ge=4, description="A user counts in the rating consistency with at least this many new ratings "
+        "of items the history knows (a correlation needs a few points; its weight is n - 3).",
+    )
+    consistency_min_users: int = Field(
+        20, ge=1, description="With fewer users counted the consistency is too noisy to hold anything: it "
+        "is logged, not acted on.",
+    )
     on_drift: Literal["reject", "approve"] = Field(
         "reject", description="A drifting night's challenger is rejected, or held for approval as with "
         "gate.require_approval (an engineer decides in the Prefect UI).",

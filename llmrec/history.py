@@ -173,25 +173,29 @@ class History:
     def activity(self, column: str, rows: pd.DataFrame, watermark: int) -> tuple[pd.DataFrame, pd.Series]:
         """What the history holds about the values of `column` (user_id or item_id) found in
         `rows` (which carry `_ingest_seq`), from a scan of that column and the ingest
-        sequence filtered to those values, aggregated batch by batch: per value, its first
-        ingest sequence (`first`) and its events up to `watermark` (`older`); per (value,
-        ingest sequence) pair of `rows`, its events."""
+        sequence (and the rating) filtered to those values, aggregated batch by batch: per
+        value, its first ingest sequence (`first`), its events up to `watermark` (`older`) and
+        the sum of their ratings (`older_rating`); per (value, ingest sequence) pair of
+        `rows`, its events."""
         values = rows[column].unique()
         pairs = pd.MultiIndex.from_frame(rows[[column, SEQ]].drop_duplicates())
         per_value, per_pair = [], []
         dataset = self._dataset(self.files)
         if dataset is not None and len(values):
-            scan = dataset.to_batches(columns=[column, SEQ], filter=pc.field(column).isin(list(values)),
+            scan = dataset.to_batches(columns=[column, SEQ, "rating"], filter=pc.field(column).isin(list(values)),
                                       batch_size=SCAN_ROWS)
             for batch in scan:
                 frame = batch.to_pandas().assign(older=lambda f: f[SEQ] <= watermark)
-                per_value.append(frame.groupby(column).agg(first=(SEQ, "min"), older=("older", "sum")))
+                frame["older_rating"] = frame["rating"].astype(np.float64).where(frame["older"], 0.0)
+                per_value.append(frame.groupby(column).agg(first=(SEQ, "min"), older=("older", "sum"),
+                                                           older_rating=("older_rating", "sum")))
                 counted = frame.groupby([column, SEQ]).size()
                 per_pair.append(counted[counted.index.isin(pairs)])
         if not per_value:
-            empty = pd.DataFrame({"first": pd.Series(dtype="int64"), "older": pd.Series(dtype="int64")})
+            empty = pd.DataFrame({"first": pd.Series(dtype="int64"), "older": pd.Series(dtype="int64"),
+                                  "older_rating": pd.Series(dtype="float64")})
             return empty, pd.Series(dtype="int64")
-        first = pd.concat(per_value).groupby(level=0).agg({"first": "min", "older": "sum"})
+        first = pd.concat(per_value).groupby(level=0).agg({"first": "min", "older": "sum", "older_rating": "sum"})
         return first, pd.concat(per_pair).groupby(level=[0, 1]).sum()
 
     @staticmethod

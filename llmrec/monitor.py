@@ -14,6 +14,15 @@ each batch is also measured on its own, so a bad batch cannot hide among clean o
     new_user        "yes" when the row's user first appears in the row's night
     new_item        the same for the item
 
+Drift of each column alone misses a night whose ratings are attached to the wrong rows (a
+bad join, ratings shuffled between rows): every marginal distribution stays the same. The
+rating consistency catches it: per user with `monitor.consistency_min_ratings` or more new
+ratings of items the history knows, the correlation between those ratings and the items'
+mean rating in the history; averaged over users (Fisher z, weighted by n - 3). Within a
+user, so a generous or harsh rater does not count, and over users, so one heavy rater
+cannot sway it. Ordinary MovieLens weeks give 0.32-0.51; with 30% of a week's ratings
+shuffled it drops to 0.6-0.8 of that week's own value (benchmarks/night_statistics.py).
+
 Evidently picks a drift test by sample size (p-values up to 1,000 rows, distances above),
 so its per-column scores would change meaning from night to night; the method is pinned
 (`monitor.drift_method`, default Jensen-Shannon distance, 0 = same distribution, 1 =
@@ -35,6 +44,10 @@ from llmrec.schema import CatalogTexts
 
 NUMERIC = ["rating", "user_ratings", "item_popularity", "text_length"]
 CATEGORICAL = ["new_user", "new_item"]
+# Not a drift column: the row's item's mean rating in the history (for the rating consistency),
+# shrunk toward the history's mean by this many ratings so a film rated twice is not an outlier.
+ITEM_MEAN = "item_mean_rating"
+PRIOR_RATINGS = 10.0
 
 
 def drift_columns(history: History, watermark: int, texts: CatalogTexts, reference_rows: int,
@@ -43,7 +56,8 @@ def drift_columns(history: History, watermark: int, texts: CatalogTexts, referen
     history rows (ingest sequence <= `watermark`; all of them when there are fewer) and of
     tonight's new rows (`current`, read here when not given), in their order. Only those rows
     are read, plus, for the counts and first nights of their users and items, a scan of two
-    columns filtered to those users and items."""
+    columns filtered to those users and items. Both frames also carry `ITEM_MEAN` (NaN for an
+    item without older ratings)."""
     reference = history.sample_older(watermark, reference_rows, seed)
     current = history.new_rows(watermark) if current is None else current
     rows = pd.concat([reference, current], ignore_index=True)
@@ -51,6 +65,8 @@ def drift_columns(history: History, watermark: int, texts: CatalogTexts, referen
     users, user_nights = history.activity("user_id", rows, watermark)
     items, _ = history.activity("item_id", rows, watermark)
     night_of_user = pd.MultiIndex.from_arrays([rows["user_id"], seq])
+    mean = reference["rating"].mean()
+    item_mean = (items["older_rating"] + PRIOR_RATINGS * mean) / (items["older"] + PRIOR_RATINGS)
     frame = pd.DataFrame({
         "rating": rows["rating"].astype(np.float64),
         "user_ratings": user_nights.reindex(night_of_user).to_numpy(dtype=np.float64),
@@ -58,6 +74,7 @@ def drift_columns(history: History, watermark: int, texts: CatalogTexts, referen
         "text_length": rows["item_id"].map(lambda item: len(texts.items.get(item, ""))).astype(np.float64),
         "new_user": np.where(rows["user_id"].map(users["first"]) == seq, "yes", "no"),
         "new_item": np.where(rows["item_id"].map(items["first"]) == seq, "yes", "no"),
+        ITEM_MEAN: rows["item_id"].map(item_mean.where(items["older"] > 0)).astype(np.float64),
     })
     return frame.iloc[:len(reference)].reset_index(drop=True), frame.iloc[len(reference):].reset_index(drop=True)
 
@@ -80,12 +97,16 @@ class DriftRecord:
     raters: list[str] = field(default_factory=list)
     # When the new rows span several ingest batches: each batch's own record, by sequence.
     batches: dict[int, DriftRecord] = field(default_factory=dict)
+    # `rating_consistency` of the new rows and the users it averaged (None: no such user).
+    consistency: float | None = None
+    consistency_users: int = 0
 
     def metrics(self) -> dict[str, float]:
-        """MLflow metrics: drift.share, drift.<column> (the pinned method's score) and
-        drift.one_value_raters."""
+        """MLflow metrics: drift.share, drift.<column> (the pinned method's score),
+        drift.one_value_raters and drift.rating_consistency (when measured)."""
+        consistency = {} if self.consistency is None else {"drift.rating_consistency": self.consistency}
         return ({"drift.share": self.share, "drift.one_value_raters": float(len(self.raters))}
-                | {f"drift.{column}": score for column, score in self.scores.items()})
+                | {f"drift.{column}": score for column, score in self.scores.items()} | consistency)
 
     def rows(self) -> list[dict]:
         """One row per column for render_table."""
@@ -104,6 +125,7 @@ def measure_drift(reference: pd.DataFrame, current: pd.DataFrame, config: Monito
     if len(reference) > config.reference_rows:
         reference = reference.sample(n=config.reference_rows, random_state=config.seed).reset_index(drop=True)
     definition = DataDefinition(numerical_columns=NUMERIC, categorical_columns=CATEGORICAL)
+    current, reference = current[NUMERIC + CATEGORICAL], reference[NUMERIC + CATEGORICAL]
     preset = DataDriftPreset(method=config.drift_method, threshold=config.column_threshold)
     snapshot = Report([preset]).run(Dataset.from_pandas(current, data_definition=definition),
                                     Dataset.from_pandas(reference, data_definition=definition))
@@ -127,25 +149,33 @@ def measure_drift(reference: pd.DataFrame, current: pd.DataFrame, config: Monito
 def drift_hold(record: DriftRecord | None, config: MonitorConfig) -> str | None:
     """Why tonight's challenger must not be promoted automatically, or None: a one-value
     rater, a column of `config.hold_columns` (the rating distribution) scoring at least
-    `config.hold_threshold`, or a drifted share above `config.drift_threshold`. The reason
-    names the raters, or the columns and their scores."""
+    `config.hold_threshold`, a drifted share above `config.drift_threshold`, or a rating
+    consistency below `config.min_rating_consistency` (over at least
+    `config.consistency_min_users` users). The reason names the raters, the columns and
+    their scores, or the consistency."""
     if record is None:
         return None
     for seq, batch in sorted(record.batches.items()):
         reason = drift_hold(batch, config)
         if reason:
             return f"ingest batch {seq} ({batch.current_rows} of the {record.current_rows} new rows): {reason}"
-    named = [c for c in record.drifted if c in config.hold_columns and record.scores[c] >= config.hold_threshold]
     if record.raters:
         return (f"one-value raters tonight ({', '.join(record.raters)}; monitor.rater_min_ratings "
                 f"{config.rater_min_ratings}, monitor.rater_max_share {config.rater_max_share})")
-    if not named and record.share <= config.drift_threshold:
-        return None
-    scores = ", ".join(f"{c} {record.scores[c]:.3f}" for c in record.drifted)
-    why = (f"{', '.join(named)} drifted, score >= monitor.hold_threshold {config.hold_threshold}" if named
-           else f"drift share {record.share:.2f} > monitor.drift_threshold {config.drift_threshold}")
-    return (f"new events drift from the history ({why}; {record.method} score >= {record.threshold}: "
-            f"{scores})")
+    named = [c for c in record.drifted if c in config.hold_columns and record.scores[c] >= config.hold_threshold]
+    if named or record.share > config.drift_threshold:
+        scores = ", ".join(f"{c} {record.scores[c]:.3f}" for c in record.drifted)
+        why = (f"{', '.join(named)} drifted, score >= monitor.hold_threshold {config.hold_threshold}" if named
+               else f"drift share {record.share:.2f} > monitor.drift_threshold {config.drift_threshold}")
+        return (f"new events drift from the history ({why}; {record.method} score >= {record.threshold}: "
+                f"{scores})")
+    if (record.consistency is not None and record.consistency_users >= config.consistency_min_users
+            and record.consistency < config.min_rating_consistency):
+        return (f"tonight's ratings agree with the items' past ratings less than ordinary nights do "
+                f"(rating consistency {record.consistency:.3f} over {record.consistency_users} users < "
+                f"monitor.min_rating_consistency {config.min_rating_consistency}): ratings attached to the "
+                f"wrong rows?")
+    return None
 
 
 def night_drift(history: History, watermark: int, texts: CatalogTexts, config: MonitorConfig) -> DriftRecord | None:
@@ -158,15 +188,41 @@ def night_drift(history: History, watermark: int, texts: CatalogTexts, config: M
         return None
     record = measure_drift(reference, current, config)
     record.raters = one_value_raters(new_rows, config)
+    record.consistency, record.consistency_users = rating_consistency(new_rows["user_id"], current, config)
     sequences = new_rows["_ingest_seq"].to_numpy()
     if len(np.unique(sequences)) > 1:
         for seq in np.unique(sequences):
             # Only the scores decide a hold; the night's record carries the report.
-            batch = measure_drift(reference, current[sequences == seq].reset_index(drop=True), config,
-                                  snapshot=False)
+            batch_rows = current[sequences == seq].reset_index(drop=True)
+            batch = measure_drift(reference, batch_rows, config, snapshot=False)
             batch.raters = one_value_raters(new_rows[sequences == seq], config)
+            batch.consistency, batch.consistency_users = rating_consistency(
+                new_rows["user_id"][sequences == seq].reset_index(drop=True), batch_rows, config)
             record.batches[int(seq)] = batch
     return record
+
+
+def rating_consistency(user_ids: pd.Series, current: pd.DataFrame, config: MonitorConfig) -> tuple[float | None, int]:
+    """(consistency, users): over the users with at least `config.consistency_min_ratings`
+    of the `current` rows (the monitored columns of their rows, in the order of `user_ids`)
+    on items with a history mean, the Pearson correlation of each user's ratings with those
+    items' `ITEM_MEAN`, averaged as Fisher z weighted by n - 3; (None, 0) without such a
+    user. A user whose ratings (or items' means) are all equal has no correlation and is
+    left out."""
+    rows = pd.DataFrame({"user": user_ids.to_numpy(), "rating": current["rating"].to_numpy(),
+                         "item_mean": current[ITEM_MEAN].to_numpy()}).dropna()
+    rows = rows[rows.groupby("user")["rating"].transform("size") >= config.consistency_min_ratings]
+    by_user = rows.groupby("user")
+    rating = rows["rating"] - by_user["rating"].transform("mean")
+    item_mean = rows["item_mean"] - by_user["item_mean"].transform("mean")
+    sums = pd.DataFrame({"user": rows["user"], "cross": rating * item_mean, "rating": rating ** 2,
+                         "item_mean": item_mean ** 2, "n": 1}).groupby("user").sum()
+    sums = sums[(sums["rating"] > 0) & (sums["item_mean"] > 0)]
+    if sums.empty:
+        return None, 0
+    correlation = (sums["cross"] / np.sqrt(sums["rating"] * sums["item_mean"])).clip(-0.999, 0.999)
+    weight = sums["n"] - 3
+    return float(np.tanh(np.sum(np.arctanh(correlation) * weight) / weight.sum())), len(sums)
 
 
 def one_value_raters(new_rows: pd.DataFrame, config: MonitorConfig) -> list[str]:

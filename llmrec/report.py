@@ -91,6 +91,9 @@ def run_report(run_name: str, batch, curated=None, window=None, trained=None, me
                   f"- {drift.current_rows} new rows against {drift.reference_rows} history rows; method "
                   f"{drift.method}, a column drifts at score >= {drift.threshold}; drifted share {drift.share:.2f}",
                   "", render_table(drift.rows()), ""]
+        if drift.consistency is not None:
+            lines += [f"- rating consistency {drift.consistency:.3f} over {drift.consistency_users} users "
+                      "(their new ratings against the items' mean rating in the history)", ""]
         if drift.raters:
             lines += [f"- one-value raters: {'; '.join(drift.raters)}", ""]
     if metrics is not None:

@@ -66,3 +66,33 @@ def test_gate_replay_quick_runs_both_rules(movielens):
     assert "injected promoted" in run.stdout and "weeks lagged" in run.stdout
     assert "future rmse difference" in run.stdout and "future recall difference" in run.stdout
     assert sum(" inverted " in line or " shuffled " in line for line in lines) == 4  # 2 injections x 2 rules
+
+
+def test_a_shuffled_movielens_week_is_held_and_the_clean_week_is_not(movielens, tmp_path):
+    """The gate replay's 6th night (a MovieLens week) with 30% of its ratings shuffled
+    between rows: every column's distribution is the week's own, the rating consistency
+    holds it; the same week clean is not held."""
+    from quality import weekly
+
+    from llmrec.config import MonitorConfig
+    from llmrec.data import load_movielens
+    from llmrec.history import History, footer
+    from llmrec.monitor import drift_hold, night_drift
+    from llmrec.schema import CatalogTexts, render_text
+
+    events, items, users = load_movielens(movielens)
+    events = weekly(events)
+    texts = CatalogTexts(render_text(users, "user_id").to_dict(), render_text(items, "item_id").to_dict())
+    config = MonitorConfig()
+    night = 6
+    records = {}
+    for kind in ("clean", "shuffled"):
+        upto = events if kind == "clean" else inject(kind, events, night, sorted(texts.items), night)
+        path = tmp_path / f"{kind}.parquet"
+        upto[upto["_ingest_seq"] <= night].to_parquet(path, index=False)
+        records[kind] = night_drift(History([footer(str(path))]), night - 1, texts, config)
+    clean, shuffled = records["clean"], records["shuffled"]
+    assert drift_hold(clean, config) is None and clean.consistency > 0.35
+    assert shuffled.scores["rating"] == pytest.approx(clean.scores["rating"])
+    assert shuffled.consistency < 0.75 * clean.consistency and shuffled.consistency_users >= 20
+    assert drift_hold(shuffled, config).startswith("tonight's ratings agree with the items' past ratings less")

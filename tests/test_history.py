@@ -10,7 +10,7 @@ from llmrec.config import EvaluationConfig, Home, MonitorConfig, TrainingConfig
 from llmrec.data import copy_drop, synthetic_drops
 from llmrec.evaluate import segment_masks
 from llmrec.history import EventFile, History
-from llmrec.monitor import drift_columns, measure_drift, night_drift
+from llmrec.monitor import ITEM_MEAN, drift_columns, measure_drift, night_drift
 from llmrec.window import KEY, prepare_window, without
 
 
@@ -100,6 +100,8 @@ def drift_columns_of_frame(events, watermark, texts):
     before `monitor.drift_columns` read them through History: the oracle of the test below."""
     seq = events["_ingest_seq"]
     popularity = events[seq <= watermark].groupby("item_id").size()
+    older = events[seq <= watermark]
+    item_mean = (older.groupby("item_id")["rating"].sum() + 10 * older["rating"].mean()) / (popularity + 10)
     frame = pd.DataFrame({
         "rating": events["rating"].astype(np.float64),
         "user_ratings": events.groupby(["_ingest_seq", "user_id"])["user_id"].transform("size").astype(np.float64),
@@ -107,6 +109,7 @@ def drift_columns_of_frame(events, watermark, texts):
         "text_length": events["item_id"].map(lambda item: len(texts.items.get(item, ""))).astype(np.float64),
         "new_user": np.where(events.groupby("user_id")["_ingest_seq"].transform("min") == seq, "yes", "no"),
         "new_item": np.where(events.groupby("item_id")["_ingest_seq"].transform("min") == seq, "yes", "no"),
+        ITEM_MEAN: events["item_id"].map(item_mean).astype(np.float64),
     }, index=events.index)
     return frame[seq <= watermark].reset_index(drop=True), frame[seq > watermark].reset_index(drop=True)
 

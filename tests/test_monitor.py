@@ -7,17 +7,25 @@ import pytest
 from llmrec.config import MonitorConfig
 from llmrec.gate import Decision, hold_for_drift
 from llmrec.history import History, footer
-from llmrec.monitor import drift_columns, drift_hold, night_drift
+from llmrec.monitor import ITEM_MEAN, drift_columns, drift_hold, night_drift, rating_consistency
 from llmrec.schema import CatalogTexts
+
+# Each of the 300 items' quality: ratings are quality plus noise, as real ratings are.
+QUALITY = np.random.default_rng(99).normal(0.0, 0.9, 300)
+
+
+def ratings_of(items: np.ndarray, rng) -> np.ndarray:
+    return np.clip(np.round(3.5 + QUALITY[items] + rng.normal(0.0, 1.0, len(items))), 1.0, 5.0)
 
 
 def nights(n_rows=1500, seed=0, tonight=None) -> pd.DataFrame:
     """Two nights of ratings from the same distribution; `tonight` rewrites night 2."""
     rng = np.random.default_rng(seed)
+    items = rng.integers(0, 300, 2 * n_rows)
     frame = pd.DataFrame({
         "user_id": rng.integers(0, 200, 2 * n_rows).astype(str),
-        "item_id": rng.integers(0, 300, 2 * n_rows).astype(str),
-        "rating": rng.choice([1.0, 2.0, 3.0, 4.0, 5.0], 2 * n_rows, p=[0.06, 0.11, 0.27, 0.34, 0.22]),
+        "item_id": items.astype(str),
+        "rating": ratings_of(items, rng),
         "_ingest_seq": np.repeat([1, 2], n_rows),
     })
     if tonight is not None:
@@ -54,6 +62,8 @@ def test_drift_columns_by_hand(tmp_path):
     assert list(current["new_user"]) == ["no", "yes", "yes"] and list(current["new_item"]) == ["no", "yes", "no"]
     assert current["item_popularity"].tolist() == pytest.approx([np.log(3), 0.0, np.log(3)])
     assert list(current["text_length"]) == [3, 0, 3] and list(current["rating"]) == [1.0, 2.0, 2.0]
+    # x: ratings 4 and 5 before, shrunk toward the history's mean 4 by 10 ratings; z: none before.
+    assert current[ITEM_MEAN].tolist()[::2] == pytest.approx([(9 + 40) / 12] * 2) and np.isnan(current[ITEM_MEAN][1])
 
 
 def test_same_distribution_is_not_held(tmp_path):
@@ -62,7 +72,9 @@ def test_same_distribution_is_not_held(tmp_path):
     assert set(record.scores) == {"rating", "user_ratings", "item_popularity", "text_length", "new_user", "new_item"}
     assert record.scores["rating"] < 0.1 and "rating" not in record.drifted
     assert drift_hold(record, MonitorConfig()) is None
+    assert record.consistency > 0.4 and record.consistency_users > 100
     assert record.metrics()["drift.share"] == record.share and "drift.rating" in record.metrics()
+    assert record.metrics()["drift.rating_consistency"] == record.consistency
     assert "<html" in record.html.lower() and '"metrics"' in record.json
 
 
@@ -76,8 +88,53 @@ def test_inverted_ratings_hold_the_challenger_and_name_the_column(tmp_path):
     reason = drift_hold(record, MonitorConfig())
     assert reason.startswith("new events drift from the history (rating drifted")
     assert f"rating {record.scores['rating']:.3f}" in reason
-    # The rating alone holds; without it in hold_columns only the share would.
-    assert drift_hold(record, MonitorConfig(hold_columns=[], drift_threshold=0.9)) is None
+    # Without the rating in hold_columns the consistency (negative) still holds; without both,
+    # only the share would.
+    assert drift_hold(record, MonitorConfig(hold_columns=[])).startswith("tonight's ratings agree")
+    assert record.consistency < -0.3
+    assert drift_hold(record, MonitorConfig(hold_columns=[], drift_threshold=0.9, min_rating_consistency=-1.0)) is None
+
+
+def test_ratings_attached_to_the_wrong_rows_hold_the_challenger(tmp_path):
+    """A bad join: night 2's ratings permuted among its rows. Every column's distribution is
+    unchanged; the ratings no longer agree with the items' past ratings."""
+    def permute(frame):
+        tonight = frame["_ingest_seq"] == 2
+        frame.loc[tonight, "rating"] = np.random.default_rng(1).permutation(frame.loc[tonight, "rating"].to_numpy())
+        return frame
+
+    config = MonitorConfig()
+    record = night_drift(history_of(nights(tonight=permute), tmp_path), 1, TEXTS, config)
+    assert record.scores["rating"] < 0.1 and record.share <= config.drift_threshold
+    assert abs(record.consistency) < 0.1 and record.consistency_users > 100
+    reason = drift_hold(record, config)
+    assert reason.startswith("tonight's ratings agree with the items' past ratings less than ordinary nights do "
+                             f"(rating consistency {record.consistency:.3f} over {record.consistency_users} users "
+                             "< monitor.min_rating_consistency 0.3)")
+    # Too few users to trust the figure, or the check switched off: not held.
+    assert drift_hold(record, MonitorConfig(consistency_min_users=record.consistency_users + 1)) is None
+    assert drift_hold(record, MonitorConfig(min_rating_consistency=-1.0)) is None
+
+
+def test_rating_consistency_by_hand():
+    """Per user the correlation of ratings with the items' history means, Fisher z averaged
+    with weight n - 3; users with fewer rows, constant ratings or no item mean are left out."""
+    a_rating, a_mean = [5.0, 4.0, 4.0, 2.0, 1.0], [4.5, 3.0, 4.0, 3.5, 2.0]
+    b_rating, b_mean = [1.0, 3.0, 2.0, 5.0, 4.0, 3.0], [3.0, 3.2, 2.5, 4.1, 3.0, 4.4]
+    users = ["a"] * 5 + ["b"] * 6 + ["b"] + ["c"] * 4 + ["d"] * 5
+    rating = a_rating + b_rating + [1.0] + [5.0, 1.0, 2.0, 4.0] + [3.0] * 5
+    mean = a_mean + b_mean + [np.nan] + [4.0, 3.0, 2.0, 1.0] + [4.0, 3.0, 2.0, 1.0, 3.5]
+    current = pd.DataFrame({"rating": rating, ITEM_MEAN: mean})
+    a, b = np.corrcoef(a_rating, a_mean)[0, 1], np.corrcoef(b_rating, b_mean)[0, 1]
+    expected = np.tanh((2 * np.arctanh(a) + 3 * np.arctanh(b)) / 5)
+    value, count = rating_consistency(pd.Series(users), current, MonitorConfig())
+    assert count == 2 and value == pytest.approx(expected)
+    # A generous rater is the same rater: shifting a user's ratings changes nothing.
+    shifted = current.assign(rating=current["rating"] + np.where(np.array(users) == "a", 0.5, 0.0))
+    assert rating_consistency(pd.Series(users), shifted, MonitorConfig())[0] == pytest.approx(expected)
+    assert rating_consistency(pd.Series(users), current, MonitorConfig(consistency_min_ratings=6)) == (
+        pytest.approx(b), 1)
+    assert rating_consistency(pd.Series(users[:5]), current[:5], MonitorConfig(consistency_min_ratings=6)) == (None, 0)
 
 
 def test_first_night_has_no_drift_record(tmp_path):
@@ -147,7 +204,9 @@ def test_one_value_raters_are_named_and_hold_the_challenger(tmp_path):
         "user bot: 120 ratings, 100% 5", "user few: 50 ratings, 100% 1"]
     quiet = DriftRecord("jensenshannon", 0.1, {"rating": 0.02}, [], 0.0, 10, 10)
     assert drift_hold(quiet, config) is None
-    assert "- one-value raters: user bot: 120 ratings, 100% 5" in run_report("r", IngestResult([], [], 0), drift=record)
+    report = run_report("r", IngestResult([], [], 0), drift=record)
+    assert "- one-value raters: user bot: 120 ratings, 100% 5" in report
+    assert f"- rating consistency {record.consistency:.3f} over {record.consistency_users} users" in report
     assert "one-value raters" not in run_report("r", IngestResult([], [], 0), drift=quiet)
 
 
@@ -170,9 +229,8 @@ def test_a_bad_batch_holds_even_among_clean_new_rows(tmp_path, bad_batch):
     sizes = {1: 1500, 2: 2000 if bad_batch == 3 else 500, 3: 500 if bad_batch == 3 else 2000}
     rng = np.random.default_rng(3)
     frame = pd.concat([pd.DataFrame({
-        "user_id": rng.integers(0, 200, n).astype(str), "item_id": rng.integers(0, 300, n).astype(str),
-        "rating": rng.choice([1.0, 2.0, 3.0, 4.0, 5.0], n, p=[0.06, 0.11, 0.27, 0.34, 0.22]), "_ingest_seq": seq})
-        for seq, n in sizes.items()], ignore_index=True)
+        "user_id": rng.integers(0, 200, n).astype(str), "item_id": (items := rng.integers(0, 300, n)).astype(str),
+        "rating": ratings_of(items, rng), "_ingest_seq": seq}) for seq, n in sizes.items()], ignore_index=True)
     bad = frame["_ingest_seq"] == bad_batch
     frame.loc[bad, "rating"] = 6 - frame.loc[bad, "rating"]
     config = MonitorConfig()
