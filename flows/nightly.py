@@ -144,7 +144,9 @@ def run_night(config: NightlyConfig, home: Home, run_name: str) -> dict:
     since = max(champion.ingest_watermark, recovered.decided_watermark)
     drift = t.drift(history, since, texts, config) if champion.version else None
     if drift is not None:
-        progress.info("%s drift: share %.2f, drifted %s", run_name, drift.share, ", ".join(drift.drifted) or "none")
+        progress.info("%s drift: share %.2f, drifted %s, rating consistency %s", run_name, drift.share,
+                      ", ".join(drift.drifted) or "none", "not measured" if drift.consistency is None
+                      else f"{drift.consistency:.3f} over {drift.consistency_users} users")
         drifting = drift_hold(drift, config.monitor)
         if drifting:
             alert("llmrec.data.drift", run_name, drifting, share=drift.share, scores=drift.scores)
