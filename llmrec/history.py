@@ -170,32 +170,37 @@ class History:
         ends = np.r_[starts[1:], len(order)]
         return {names[codes[order[start]]]: position[order[start:end]] for start, end in zip(starts, ends)}
 
-    def activity(self, column: str, rows: pd.DataFrame, watermark: int) -> tuple[pd.DataFrame, pd.Series]:
+    def activity(self, column: str, rows: pd.DataFrame, watermark: int,
+                 rating_sums: bool = False) -> tuple[pd.DataFrame, pd.Series]:
         """What the history holds about the values of `column` (user_id or item_id) found in
         `rows` (which carry `_ingest_seq`), from a scan of that column and the ingest
-        sequence (and the rating) filtered to those values, aggregated batch by batch: per
-        value, its first ingest sequence (`first`), its events up to `watermark` (`older`) and
-        the sum of their ratings (`older_rating`); per (value, ingest sequence) pair of
-        `rows`, its events."""
+        sequence filtered to those values, aggregated batch by batch: per value, its first
+        ingest sequence (`first`), its events up to `watermark` (`older`) and, with
+        `rating_sums` (the rating column is read too), the sum of their ratings
+        (`older_rating`); per (value, ingest sequence) pair of `rows`, its events."""
         values = rows[column].unique()
         pairs = pd.MultiIndex.from_frame(rows[[column, SEQ]].drop_duplicates())
         per_value, per_pair = [], []
         dataset = self._dataset(self.files)
         if dataset is not None and len(values):
-            scan = dataset.to_batches(columns=[column, SEQ, "rating"], filter=pc.field(column).isin(list(values)),
-                                      batch_size=SCAN_ROWS)
+            scan = dataset.to_batches(columns=[column, SEQ] + (["rating"] if rating_sums else []),
+                                      filter=pc.field(column).isin(list(values)), batch_size=SCAN_ROWS)
+            sums = {"first": (SEQ, "min"), "older": ("older", "sum")}
+            if rating_sums:
+                sums["older_rating"] = ("older_rating", "sum")
             for batch in scan:
                 frame = batch.to_pandas().assign(older=lambda f: f[SEQ] <= watermark)
-                frame["older_rating"] = frame["rating"].astype(np.float64).where(frame["older"], 0.0)
-                per_value.append(frame.groupby(column).agg(first=(SEQ, "min"), older=("older", "sum"),
-                                                           older_rating=("older_rating", "sum")))
+                if rating_sums:
+                    frame["older_rating"] = frame["rating"].astype(np.float64).where(frame["older"], 0.0)
+                per_value.append(frame.groupby(column).agg(**sums))
                 counted = frame.groupby([column, SEQ]).size()
                 per_pair.append(counted[counted.index.isin(pairs)])
         if not per_value:
-            empty = pd.DataFrame({"first": pd.Series(dtype="int64"), "older": pd.Series(dtype="int64"),
-                                  "older_rating": pd.Series(dtype="float64")})
+            empty = pd.DataFrame({"first": pd.Series(dtype="int64"), "older": pd.Series(dtype="int64")}
+                                 | ({"older_rating": pd.Series(dtype="float64")} if rating_sums else {}))
             return empty, pd.Series(dtype="int64")
-        first = pd.concat(per_value).groupby(level=0).agg({"first": "min", "older": "sum", "older_rating": "sum"})
+        first = pd.concat(per_value).groupby(level=0).agg(
+            {"first": "min", "older": "sum"} | ({"older_rating": "sum"} if rating_sums else {}))
         return first, pd.concat(per_pair).groupby(level=[0, 1]).sum()
 
     @staticmethod

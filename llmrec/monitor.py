@@ -63,7 +63,7 @@ def drift_columns(history: History, watermark: int, texts: CatalogTexts, referen
     rows = pd.concat([reference, current], ignore_index=True)
     seq = rows["_ingest_seq"]
     users, user_nights = history.activity("user_id", rows, watermark)
-    items, _ = history.activity("item_id", rows, watermark)
+    items, _ = history.activity("item_id", rows, watermark, rating_sums=True)
     night_of_user = pd.MultiIndex.from_arrays([rows["user_id"], seq])
     mean = reference["rating"].mean()
     item_mean = (items["older_rating"] + PRIOR_RATINGS * mean) / (items["older"] + PRIOR_RATINGS)
