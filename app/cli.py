@@ -180,7 +180,7 @@ def history_command(home: Optional[str] = typer.Option(None), model: str = typer
 
 @app.command("monitor")
 def monitor_command(home: Optional[str] = typer.Option(None), experiment: str = typer.Option("llmrec")) -> None:
-    """Print the served champion's metrics and the drift share, night after night."""
+    """Print the served champion's metrics, the drift share and the rating consistency, night after night."""
     from llmrec import registry
     from llmrec.config import Home, default_home
     from llmrec.report import render_table

@@ -713,12 +713,15 @@ def served_metrics(metrics: dict, decision: Decision) -> dict:
 
 def log_trend(experiment: str, night: int, version: str, metrics: dict, drift: DriftRecord | None) -> None:
     """Append one night to the trend run: `<part>.<metric>` of the serving champion, its
-    version, and the drift share, all at step = night (the ingest sequence)."""
+    version, the drift share and the rating consistency (when measured: the trend to set
+    monitor.min_rating_consistency from), all at step = night (the ingest sequence)."""
     values = {f"{part}.{name}": value for part, part_metrics in metrics.items()
               for name, value in part_metrics.items() if name in TREND_METRICS and value == value}
     values["champion_version"] = float(version)
     if drift is not None:
         values["drift.share"] = drift.share
+        if drift.consistency is not None:
+            values["drift.rating_consistency"] = drift.consistency
     client, run_id = MlflowClient(), trend_run(experiment)
     stamp = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(key, float(value), stamp, night)

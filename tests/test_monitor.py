@@ -158,6 +158,7 @@ def test_trend_history_table_and_png(tmp_path, monkeypatch):
 
     from llmrec import registry
     from llmrec.config import Home
+    from llmrec.monitor import DriftRecord
     from llmrec.report import trend_png
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -168,9 +169,12 @@ def test_trend_history_table_and_png(tmp_path, monkeypatch):
         for night, rmse in [(1, 1.0), (2, 0.95), (3, 0.97)]:
             registry.log_trend("trend-test", night, str(night), {"held_out": {"rmse": rmse, "mse": rmse**2},
                                                                  "anchor": {"rmse": rmse + 0.1}}, None)
-        registry.log_trend("trend-test", 3, "3", {"held_out": {"rmse": 0.96}, "anchor": {"rmse": 1.0}}, None)  # rerun
+        drift = DriftRecord("jensenshannon", 0.1, {"rating": 0.02}, [], 0.25, 10, 10, consistency=0.41,
+                            consistency_users=30)
+        registry.log_trend("trend-test", 3, "3", {"held_out": {"rmse": 0.96}, "anchor": {"rmse": 1.0}}, drift)  # rerun
         trend = registry.trend_table("trend-test")
         assert list(trend.index) == [1, 2, 3]
+        assert trend.loc[3, "drift.share"] == 0.25 and trend.loc[3, "drift.rating_consistency"] == pytest.approx(0.41)
         assert list(trend["held_out.rmse"]) == pytest.approx([1.0, 0.95, 0.96])
         assert list(trend["champion_version"]) == [1, 2, 3] and "held_out.mse" not in trend
         trend_png(trend, tmp_path / "trend.png")
