@@ -55,7 +55,7 @@ from llmrec.evaluate import evaluate_models, evaluate_sample  # noqa: E402
 from llmrec.gate import decide, hold_for_drift, paired_interval, paired_values  # noqa: E402
 from llmrec.history import History, footer  # noqa: E402
 from llmrec.model import Champion  # noqa: E402
-from llmrec.monitor import drift_hold, night_drift  # noqa: E402
+from llmrec.monitor import consistency_baseline, drift_hold, night_drift  # noqa: E402
 from llmrec.report import render_table  # noqa: E402
 from llmrec.schema import CatalogTexts, render_text  # noqa: E402
 from llmrec.scoring import Scorer  # noqa: E402
@@ -108,15 +108,18 @@ class Replay:
         upto.to_parquet(path, index=False)
         return History([footer(str(path))])
 
-    def gate(self, window, upto, trained, champion: Champion, config: NightlyConfig):
-        """The flow's evaluation, gate and drift hold (drift of the window's new rows)."""
+    def gate(self, window, upto, trained, champion: Champion, config: NightlyConfig, earlier: list[float]):
+        """The flow's evaluation, gate and drift hold (drift of the window's new rows; the
+        rating consistency held against the `earlier` nights', as the flow does with its
+        trend). Returns the decision and the drift record."""
         history = self.history(upto)
         metrics = evaluate_models(window, history, trained.checkpoint, champion.checkpoint,
                                   self.cache, self.texts, config)
         decision = decide(metrics["challenger"], metrics["champion"], metrics["global_mean"], config.gate,
                           metrics["samples"])
-        drift = night_drift(history, window.since, self.texts, config.monitor) if champion.version else None
-        return hold_for_drift(decision, drift_hold(drift, config.monitor)), metrics
+        drift = night_drift(history, window.since, self.texts, config.monitor,
+                            consistency_baseline(earlier, config.monitor)) if champion.version else None
+        return hold_for_drift(decision, drift_hold(drift, config.monitor)), drift
 
     def truth(self, challenger, champion: Champion, night: int) -> tuple[str | None, str, str]:
         """better / worse / tie on the following weeks' RMSE (None without enough weeks), and
@@ -142,6 +145,7 @@ class Replay:
     def run(self, rule: str, nights: list[int], injected_at: dict[int, str]) -> list[dict]:
         config = self.config.model_copy(update={"gate": self.config.gate.model_copy(update={"rule": rule})})
         champion, anchor, rows, decided = Champion(), None, [], 0
+        consistency = []  # the clean nights' rating consistency: the flow's trend
         for night in [1] + nights:
             since = max(champion.ingest_watermark, decided)
             window, upto, trained = self.challenger(champion, self.events, night, since, anchor, config)
@@ -149,7 +153,7 @@ class Replay:
             if champion.version is None:  # the bootstrap model serves from night 1
                 champion = Champion(version="1", checkpoint=trained.checkpoint)
                 continue
-            decision, _ = self.gate(window, upto, trained, champion, config)
+            decision, drift = self.gate(window, upto, trained, champion, config, consistency)
             truth, future, future_recall = self.truth(trained.checkpoint, champion, night)
             rows.append({"night": night, "rule": rule, "kind": "clean", "promoted": decision.promote, "truth": truth,
                          "future rmse difference": future, "future recall difference": future_recall,
@@ -162,7 +166,7 @@ class Replay:
                         update={"lr": config.training.lr * 100})})
                 bad_events = inject(kind, self.events, night, self.items, seed=night)
                 w, u, t = self.challenger(champion, bad_events, night, since, anchor, bad_config)
-                bad_decision, _ = self.gate(w, u, t, champion, bad_config)
+                bad_decision, _ = self.gate(w, u, t, champion, bad_config, consistency)
                 # Its truth is printed, not summarized: whether promoting it would have hurt.
                 bad_truth, bad_future, bad_recall = self.truth(t.checkpoint, champion, night)
                 rows.append({"night": night, "rule": rule, "kind": kind, "promoted": bad_decision.promote,
@@ -170,6 +174,8 @@ class Replay:
                              "future recall difference": bad_recall, "reason": bad_decision.reason[:160]})
             log.info("%s night %d: %s (truth %s)", rule, night, "promoted" if decision.promote else "rejected", truth)
             decided = window.watermark
+            if drift is not None and drift.consistency is not None:
+                consistency.append(drift.consistency)
             if decision.promote:
                 champion = Champion(version=str(night), checkpoint=trained.checkpoint)
         return rows

@@ -13,7 +13,8 @@ night, clean and with each injection of gate_replay (`inject`), it prints:
 - `top mode share`: among users with >= `monitor.rater_min_ratings` ratings tonight, the
   largest share of one rating value (`monitor.one_value_raters` flags > rater_max_share);
 - `consistency`: the rating consistency of `monitor.night_drift` (per user, tonight's
-  ratings against the items' mean rating in the history; `monitor.min_rating_consistency`).
+  ratings against the items' mean rating in the history), and `consistency ratio`: it over
+  the median of the earlier clean nights' (what `monitor.consistency_ratio` holds below).
 
 and, per statistic, the range over ordinary weeks against the range over each injection.
 """
@@ -45,7 +46,7 @@ from llmrec.config import NightlyConfig  # noqa: E402
 from llmrec.data import load_movielens  # noqa: E402
 from llmrec.encoder import TextCache, load_encoder  # noqa: E402
 from llmrec.model import Champion  # noqa: E402
-from llmrec.monitor import night_drift  # noqa: E402
+from llmrec.monitor import consistency_baseline, night_drift  # noqa: E402
 from llmrec.report import render_table  # noqa: E402
 from llmrec.schema import CatalogTexts, render_text  # noqa: E402
 from llmrec.scoring import Scorer  # noqa: E402
@@ -81,10 +82,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="night-statistics-") as workdir:
         replay = Replay(events, texts, cache, config, Path(workdir))
-        champion, anchor, own = Champion(), None, None
+        champion, anchor, own, earlier = Champion(), None, None, []
         for night in range(1, int(events["_ingest_seq"].max()) + 1):
             if champion.version is not None:
                 scorer = Scorer.from_checkpoint(champion.checkpoint, cache, texts)
+                baseline = consistency_baseline(earlier, config.monitor)
                 for kind in KINDS:
                     night_events = events if kind == "clean" else inject(kind, events, night, replay.items, night)
                     old, new = (night_events[night_events["_ingest_seq"] < night],
@@ -96,7 +98,10 @@ def main() -> None:
                     rows.append({"night": night, "kind": kind, "known rows": len(known), "mse ratio": mse / own,
                                  "spearman": rho, "rating": drift.scores["rating"],
                                  "top mode share": top_mode_share(new, config.monitor.rater_min_ratings),
-                                 "consistency": drift.consistency, "consistency users": drift.consistency_users})
+                                 "consistency": drift.consistency, "consistency users": drift.consistency_users,
+                                 "consistency ratio": drift.consistency / baseline if baseline else float("nan")})
+                    if kind == "clean" and drift.consistency is not None:
+                        earlier.append(drift.consistency)
             window, _, trained = replay.challenger(champion, events, night, champion.ingest_watermark, anchor, config)
             anchor = window.anchor
             champion = Champion(version=str(night), checkpoint=trained.checkpoint)
@@ -104,7 +109,7 @@ def main() -> None:
     frame = pd.DataFrame(rows)
     print(render_table(frame.to_dict("records"), style="text"))
     ranges = []
-    for statistic in ("mse ratio", "spearman", "rating", "top mode share", "consistency"):
+    for statistic in ("mse ratio", "spearman", "rating", "top mode share", "consistency", "consistency ratio"):
         values = frame.pivot(index="night", columns="kind", values=statistic)
         ranges.append({"statistic": statistic} | {kind: f"{values[kind].min():.3f} .. {values[kind].max():.3f}"
                                                   for kind in KINDS})

@@ -201,5 +201,7 @@ def finish(run_name, recovered, batch, curated, window=None, trained=None, metri
         "metrics": {k: v for k, v in metrics.items() if k != "samples"} if metrics else None,
         "version": registered.version if registered else None,
         "decision": registered.decision.to_dict() if registered else None,
-        "drift": {"share": drift.share, "drifted": drift.drifted, "scores": drift.scores} if drift else None,
+        "drift": {"share": drift.share, "drifted": drift.drifted, "scores": drift.scores,
+                  "consistency": drift.consistency, "consistency_baseline": drift.consistency_baseline}
+        if drift else None,
     }

@@ -20,8 +20,10 @@ rating consistency catches it: per user with `monitor.consistency_min_ratings` o
 ratings of items the history knows, the correlation between those ratings and the items'
 mean rating in the history; averaged over users (Fisher z, weighted by n - 3). Within a
 user, so a generous or harsh rater does not count, and over users, so one heavy rater
-cannot sway it. Ordinary MovieLens weeks give 0.32-0.51; with 30% of a week's ratings
-shuffled it drops to 0.6-0.8 of that week's own value (benchmarks/night_statistics.py).
+cannot sway it. Its level belongs to the domain (MovieLens weeks 0.32-0.52), so a night is
+held when it falls below `monitor.consistency_ratio` of the median over the earlier nights
+(the trend): 30% of a MovieLens week's ratings shuffled bring it to 0.50-0.89 of that,
+ordinary weeks stay at 0.80 or more (benchmarks/night_statistics.py).
 
 Evidently picks a drift test by sample size (p-values up to 1,000 rows, distances above),
 so its per-column scores would change meaning from night to night; the method is pinned
@@ -97,9 +99,11 @@ class DriftRecord:
     raters: list[str] = field(default_factory=list)
     # When the new rows span several ingest batches: each batch's own record, by sequence.
     batches: dict[int, DriftRecord] = field(default_factory=dict)
-    # `rating_consistency` of the new rows and the users it averaged (None: no such user).
+    # `rating_consistency` of the new rows and the users it averaged (None: no such user),
+    # and the earlier nights' median it is held against (None: too few earlier nights).
     consistency: float | None = None
     consistency_users: int = 0
+    consistency_baseline: float | None = None
 
     def metrics(self) -> dict[str, float]:
         """MLflow metrics: drift.share, drift.<column> (the pinned method's score),
@@ -150,9 +154,9 @@ def drift_hold(record: DriftRecord | None, config: MonitorConfig) -> str | None:
     """Why tonight's challenger must not be promoted automatically, or None: a one-value
     rater, a column of `config.hold_columns` (the rating distribution) scoring at least
     `config.hold_threshold`, a drifted share above `config.drift_threshold`, or a rating
-    consistency below `config.min_rating_consistency` (over at least
-    `config.consistency_min_users` users). The reason names the raters, the columns and
-    their scores, or the consistency."""
+    consistency (over at least `config.consistency_min_users` users) below
+    `config.consistency_ratio` x the earlier nights' median. The reason names the raters,
+    the columns and their scores, or the consistency and its reference."""
     if record is None:
         return None
     for seq, batch in sorted(record.batches.items()):
@@ -169,19 +173,29 @@ def drift_hold(record: DriftRecord | None, config: MonitorConfig) -> str | None:
                else f"drift share {record.share:.2f} > monitor.drift_threshold {config.drift_threshold}")
         return (f"new events drift from the history ({why}; {record.method} score >= {record.threshold}: "
                 f"{scores})")
-    if (record.consistency is not None and record.consistency_users >= config.consistency_min_users
-            and record.consistency < config.min_rating_consistency):
-        return (f"tonight's ratings agree with the items' past ratings less than ordinary nights do "
+    baseline = record.consistency_baseline
+    if (record.consistency is not None and baseline is not None and config.consistency_ratio > 0
+            and record.consistency_users >= config.consistency_min_users
+            and record.consistency < config.consistency_ratio * baseline):
+        return (f"tonight's ratings agree with the items' past ratings less than earlier nights' did "
                 f"(rating consistency {record.consistency:.3f} over {record.consistency_users} users < "
-                f"monitor.min_rating_consistency {config.min_rating_consistency}): ratings attached to the "
-                f"wrong rows?")
+                f"monitor.consistency_ratio {config.consistency_ratio} x {baseline:.3f}, the earlier nights' "
+                f"median): ratings attached to the wrong rows?")
     return None
 
 
-def night_drift(history: History, watermark: int, texts: CatalogTexts, config: MonitorConfig) -> DriftRecord | None:
+def consistency_baseline(earlier: list[float], config: MonitorConfig) -> float | None:
+    """The median of the earlier nights' rating consistency (the trend), or None with fewer
+    than `config.consistency_min_nights` of them."""
+    return float(np.median(earlier)) if len(earlier) >= config.consistency_min_nights else None
+
+
+def night_drift(history: History, watermark: int, texts: CatalogTexts, config: MonitorConfig,
+                baseline: float | None = None) -> DriftRecord | None:
     """Tonight's drift record, with one record per ingest batch when the new rows span
-    several (each with its one-value raters); None on the first night (no history) or
-    without new rows."""
+    several (each with its one-value raters and rating consistency, held against the same
+    `baseline`: `consistency_baseline` of the earlier nights); None on the first night (no
+    history) or without new rows."""
     new_rows = history.new_rows(watermark)
     reference, current = drift_columns(history, watermark, texts, config.reference_rows, config.seed, new_rows)
     if reference.empty or current.empty:
@@ -189,6 +203,7 @@ def night_drift(history: History, watermark: int, texts: CatalogTexts, config: M
     record = measure_drift(reference, current, config)
     record.raters = one_value_raters(new_rows, config)
     record.consistency, record.consistency_users = rating_consistency(new_rows["user_id"], current, config)
+    record.consistency_baseline = baseline
     sequences = new_rows["_ingest_seq"].to_numpy()
     if len(np.unique(sequences)) > 1:
         for seq in np.unique(sequences):
@@ -198,6 +213,7 @@ def night_drift(history: History, watermark: int, texts: CatalogTexts, config: M
             batch.raters = one_value_raters(new_rows[sequences == seq], config)
             batch.consistency, batch.consistency_users = rating_consistency(
                 new_rows["user_id"][sequences == seq].reset_index(drop=True), batch_rows, config)
+            batch.consistency_baseline = baseline
             record.batches[int(seq)] = batch
     return record
 

@@ -27,13 +27,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
 
 from llmrec import model as llmrec_model
-from llmrec.config import Home, NightlyConfig
+from llmrec.config import Home, MonitorConfig, NightlyConfig
 from llmrec.encoder import Encoder
 from llmrec.errors import LlmrecError
 from llmrec.files import replace_atomically
 from llmrec.gate import Decision, check_metrics, check_rows, decide, hold_for_drift
 from llmrec.ingest import redact
-from llmrec.monitor import DriftRecord, drift_hold
+from llmrec.monitor import DriftRecord, consistency_baseline, drift_hold
 from llmrec.report import comparison_markdown, comparison_png, render_table, trend_png
 
 log = logging.getLogger(__name__)
@@ -713,8 +713,8 @@ def served_metrics(metrics: dict, decision: Decision) -> dict:
 
 def log_trend(experiment: str, night: int, version: str, metrics: dict, drift: DriftRecord | None) -> None:
     """Append one night to the trend run: `<part>.<metric>` of the serving champion, its
-    version, the drift share and the rating consistency (when measured: the trend to set
-    monitor.min_rating_consistency from), all at step = night (the ingest sequence)."""
+    version, the drift share and the rating consistency (when measured: the reference of
+    later nights, `consistency_reference`), all at step = night (the ingest sequence)."""
     values = {f"{part}.{name}": value for part, part_metrics in metrics.items()
               for name, value in part_metrics.items() if name in TREND_METRICS and value == value}
     values["champion_version"] = float(version)
@@ -747,6 +747,16 @@ def trend_table(experiment: str) -> pd.DataFrame:
     if "champion_version" in frame:
         frame["champion_version"] = frame["champion_version"].astype("Int64")
     return frame
+
+
+def consistency_reference(experiment: str, before: int, config: MonitorConfig) -> float | None:
+    """`monitor.consistency_baseline` of the rating consistency the trend holds for the
+    nights up to ingest sequence `before` (tonight's new rows come after it)."""
+    trend = trend_table(experiment)
+    if "drift.rating_consistency" not in trend:
+        return None
+    earlier = trend.loc[trend.index <= before, "drift.rating_consistency"].dropna()
+    return consistency_baseline(earlier.tolist(), config)
 
 
 def record_trend(experiment: str, registered: Registered, metrics: dict, champion_version: str | None, night: int,

@@ -92,8 +92,10 @@ def run_report(run_name: str, batch, curated=None, window=None, trained=None, me
                   f"{drift.method}, a column drifts at score >= {drift.threshold}; drifted share {drift.share:.2f}",
                   "", render_table(drift.rows()), ""]
         if drift.consistency is not None:
+            reference = ("no reference yet" if drift.consistency_baseline is None
+                         else f"earlier nights' median {drift.consistency_baseline:.3f}")
             lines += [f"- rating consistency {drift.consistency:.3f} over {drift.consistency_users} users "
-                      "(their new ratings against the items' mean rating in the history)", ""]
+                      f"(their new ratings against the items' mean rating in the history; {reference})", ""]
         if drift.raters:
             lines += [f"- one-value raters: {'; '.join(drift.raters)}", ""]
     if metrics is not None:

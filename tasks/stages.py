@@ -94,7 +94,8 @@ def evaluate(night_window, history: History, trained: train.Trained, champion, c
 
 @task(name="drift", **IN_MEMORY)
 def drift(history: History, watermark: int, texts, config: NightlyConfig) -> monitor.DriftRecord | None:
-    return monitor.night_drift(history, watermark, texts, config.monitor)
+    reference = registry.consistency_reference(config.experiment, watermark, config.monitor)
+    return monitor.night_drift(history, watermark, texts, config.monitor, reference)
 
 
 @task(name="register-and-gate", **IO_RETRIES, **IN_MEMORY)

@@ -158,6 +158,11 @@ def test_nightly_flow_end_to_end(prefect_server, world):
     assert fifth["recovery"]["decided_watermark"] == inverted_watermark
     assert fifth["window"]["new_rows"] == len(clean), fifth["window"]
     assert fifth["resumed_from"] == champion_before and not fifth["decision"]["drift_hold"]
+    # Its rating consistency is held against the earlier nights' in the trend (2-4; 5 is its own).
+    measured = registry.trend_table(config.experiment)["drift.rating_consistency"].dropna()
+    assert list(measured.index) == sorted(measured.index) and len(measured) == 4
+    assert measured.iloc[-1] == pytest.approx(fifth["drift"]["consistency"])
+    assert fifth["drift"]["consistency_baseline"] == pytest.approx(measured.iloc[:3].median())
     tags_of_fifth = MlflowClient().get_model_version(config.registered_model, fifth["version"]).tags
     assert tags_of_fifth[registry.SINCE_TAG] == str(inverted_watermark)
 

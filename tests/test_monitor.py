@@ -88,11 +88,12 @@ def test_inverted_ratings_hold_the_challenger_and_name_the_column(tmp_path):
     reason = drift_hold(record, MonitorConfig())
     assert reason.startswith("new events drift from the history (rating drifted")
     assert f"rating {record.scores['rating']:.3f}" in reason
-    # Without the rating in hold_columns the consistency (negative) still holds; without both,
-    # only the share would.
-    assert drift_hold(record, MonitorConfig(hold_columns=[])).startswith("tonight's ratings agree")
+    # Without the rating in hold_columns only the share would hold it, or, once earlier nights
+    # give a reference, the rating consistency (negative: the ratings now oppose the items').
+    assert drift_hold(record, MonitorConfig(hold_columns=[], drift_threshold=0.9)) is None
     assert record.consistency < -0.3
-    assert drift_hold(record, MonitorConfig(hold_columns=[], drift_threshold=0.9, min_rating_consistency=-1.0)) is None
+    record.consistency_baseline = 0.5
+    assert drift_hold(record, MonitorConfig(hold_columns=[])).startswith("tonight's ratings agree")
 
 
 def test_ratings_attached_to_the_wrong_rows_hold_the_challenger(tmp_path):
@@ -104,16 +105,31 @@ def test_ratings_attached_to_the_wrong_rows_hold_the_challenger(tmp_path):
         return frame
 
     config = MonitorConfig()
-    record = night_drift(history_of(nights(tonight=permute), tmp_path), 1, TEXTS, config)
+    clean = night_drift(history_of(nights(), tmp_path), 1, TEXTS, config, baseline=0.55)
+    assert clean.consistency > 0.75 * 0.55 and drift_hold(clean, config) is None
+    (tmp_path / "bad").mkdir()
+    record = night_drift(history_of(nights(tonight=permute), tmp_path / "bad"), 1, TEXTS, config, baseline=0.55)
     assert record.scores["rating"] < 0.1 and record.share <= config.drift_threshold
-    assert abs(record.consistency) < 0.1 and record.consistency_users > 100
+    assert abs(record.consistency) < 0.1 and record.consistency_users > 100 and record.consistency_baseline == 0.55
     reason = drift_hold(record, config)
-    assert reason.startswith("tonight's ratings agree with the items' past ratings less than ordinary nights do "
-                             f"(rating consistency {record.consistency:.3f} over {record.consistency_users} users "
-                             "< monitor.min_rating_consistency 0.3)")
-    # Too few users to trust the figure, or the check switched off: not held.
+    assert reason == ("tonight's ratings agree with the items' past ratings less than earlier nights' did "
+                      f"(rating consistency {record.consistency:.3f} over {record.consistency_users} users < "
+                      "monitor.consistency_ratio 0.75 x 0.550, the earlier nights' median): ratings attached to "
+                      "the wrong rows?")
+    # Too few users to trust the figure, no earlier nights to compare with, or the check
+    # switched off: not held.
     assert drift_hold(record, MonitorConfig(consistency_min_users=record.consistency_users + 1)) is None
-    assert drift_hold(record, MonitorConfig(min_rating_consistency=-1.0)) is None
+    assert drift_hold(record, MonitorConfig(consistency_ratio=0.0)) is None
+    record.consistency_baseline = None
+    assert drift_hold(record, config) is None
+
+
+def test_consistency_baseline_is_the_median_of_enough_earlier_nights():
+    from llmrec.monitor import consistency_baseline
+
+    assert consistency_baseline([0.4, 0.5], MonitorConfig()) is None
+    assert consistency_baseline([0.4, 0.5, 0.3], MonitorConfig()) == pytest.approx(0.4)
+    assert consistency_baseline([0.4, 0.5], MonitorConfig(consistency_min_nights=2)) == pytest.approx(0.45)
 
 
 def test_rating_consistency_by_hand():
@@ -166,15 +182,27 @@ def test_trend_history_table_and_png(tmp_path, monkeypatch):
     try:
         registry.configure(Home(tmp_path / "home"), "trend-test")
         assert registry.trend_table("trend-test").empty
-        for night, rmse in [(1, 1.0), (2, 0.95), (3, 0.97)]:
+        def drift(consistency):
+            return DriftRecord("jensenshannon", 0.1, {"rating": 0.02}, [], 0.25, 10, 10, consistency=consistency,
+                               consistency_users=30)
+
+        for night, rmse, consistency in [(1, 1.0, 0.5), (2, 0.95, None), (3, 0.97, 0.3)]:
             registry.log_trend("trend-test", night, str(night), {"held_out": {"rmse": rmse, "mse": rmse**2},
-                                                                 "anchor": {"rmse": rmse + 0.1}}, None)
-        drift = DriftRecord("jensenshannon", 0.1, {"rating": 0.02}, [], 0.25, 10, 10, consistency=0.41,
-                            consistency_users=30)
-        registry.log_trend("trend-test", 3, "3", {"held_out": {"rmse": 0.96}, "anchor": {"rmse": 1.0}}, drift)  # rerun
+                                                                 "anchor": {"rmse": rmse + 0.1}},
+                               drift(consistency) if night != 2 else None)
+        registry.log_trend("trend-test", 3, "3", {"held_out": {"rmse": 0.96}, "anchor": {"rmse": 1.0}},
+                           drift(0.41))  # rerun
+        registry.log_trend("trend-test", 4, "4", {"held_out": {"rmse": 0.96}}, drift(0.45))
         trend = registry.trend_table("trend-test")
-        assert list(trend.index) == [1, 2, 3]
+        assert list(trend.index) == [1, 2, 3, 4]
         assert trend.loc[3, "drift.share"] == 0.25 and trend.loc[3, "drift.rating_consistency"] == pytest.approx(0.41)
+        # Tonight's reference: the nights up to its new rows' watermark that measured one.
+        assert registry.consistency_reference("trend-test", 3, MonitorConfig()) is None  # 2 nights
+        assert registry.consistency_reference("trend-test", 3, MonitorConfig(consistency_min_nights=2)) == (
+            pytest.approx(0.455))
+        assert registry.consistency_reference("trend-test", 4, MonitorConfig()) == pytest.approx(0.45)
+        assert registry.consistency_reference("no-such-experiment", 4, MonitorConfig()) is None
+        trend = trend.loc[[1, 2, 3]]
         assert list(trend["held_out.rmse"]) == pytest.approx([1.0, 0.95, 0.96])
         assert list(trend["champion_version"]) == [1, 2, 3] and "held_out.mse" not in trend
         trend_png(trend, tmp_path / "trend.png")
