@@ -714,7 +714,7 @@ def served_metrics(metrics: dict, decision: Decision) -> dict:
 def log_trend(experiment: str, night: int, version: str, metrics: dict, drift: DriftRecord | None) -> None:
     """Append one night to the trend run: `<part>.<metric>` of the serving champion, its
     version, the drift share and the rating consistency (when measured: the reference of
-    later nights, `consistency_reference`), all at step = night (the ingest sequence)."""
+    later nights, `trend_consistency_baseline`), all at step = night (the ingest sequence)."""
     values = {f"{part}.{name}": value for part, part_metrics in metrics.items()
               for name, value in part_metrics.items() if name in TREND_METRICS and value == value}
     values["champion_version"] = float(version)
@@ -749,9 +749,10 @@ def trend_table(experiment: str) -> pd.DataFrame:
     return frame
 
 
-def consistency_reference(experiment: str, before: int, config: MonitorConfig) -> float | None:
-    """`monitor.consistency_baseline` of the rating consistency the trend holds for the
-    nights up to ingest sequence `before` (tonight's new rows come after it)."""
+def trend_consistency_baseline(experiment: str, before: int, config: MonitorConfig) -> float | None:
+    """The reference of tonight's rating consistency: `llmrec.monitor.consistency_baseline`
+    of the values the trend holds for the nights up to ingest sequence `before` (tonight's
+    new rows come after it)."""
     trend = trend_table(experiment)
     if "drift.rating_consistency" not in trend:
         return None

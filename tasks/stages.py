@@ -94,8 +94,8 @@ def evaluate(night_window, history: History, trained: train.Trained, champion, c
 
 @task(name="drift", **IN_MEMORY)
 def drift(history: History, watermark: int, texts, config: NightlyConfig) -> monitor.DriftRecord | None:
-    reference = registry.consistency_reference(config.experiment, watermark, config.monitor)
-    return monitor.night_drift(history, watermark, texts, config.monitor, reference)
+    baseline = registry.trend_consistency_baseline(config.experiment, watermark, config.monitor)
+    return monitor.night_drift(history, watermark, texts, config.monitor, baseline)
 
 
 @task(name="register-and-gate", **IO_RETRIES, **IN_MEMORY)

@@ -197,11 +197,11 @@ def test_trend_history_table_and_png(tmp_path, monkeypatch):
         assert list(trend.index) == [1, 2, 3, 4]
         assert trend.loc[3, "drift.share"] == 0.25 and trend.loc[3, "drift.rating_consistency"] == pytest.approx(0.41)
         # Tonight's reference: the nights up to its new rows' watermark that measured one.
-        assert registry.consistency_reference("trend-test", 3, MonitorConfig()) is None  # 2 nights
-        assert registry.consistency_reference("trend-test", 3, MonitorConfig(consistency_min_nights=2)) == (
+        assert registry.trend_consistency_baseline("trend-test", 3, MonitorConfig()) is None  # 2 nights
+        assert registry.trend_consistency_baseline("trend-test", 3, MonitorConfig(consistency_min_nights=2)) == (
             pytest.approx(0.455))
-        assert registry.consistency_reference("trend-test", 4, MonitorConfig()) == pytest.approx(0.45)
-        assert registry.consistency_reference("no-such-experiment", 4, MonitorConfig()) is None
+        assert registry.trend_consistency_baseline("trend-test", 4, MonitorConfig()) == pytest.approx(0.45)
+        assert registry.trend_consistency_baseline("no-such-experiment", 4, MonitorConfig()) is None
         trend = trend.loc[[1, 2, 3]]
         assert list(trend["held_out.rmse"]) == pytest.approx([1.0, 0.95, 0.96])
         assert list(trend["champion_version"]) == [1, 2, 3] and "held_out.mse" not in trend
