@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/gate_replay.py            # every weekly night (see docs/benchmarks.md)
     .venv/bin/python benchmarks/gate_replay.py --quick    # the first 6 nights, 2 injected bad nights
+    .venv/bin/python benchmarks/gate_replay.py --rules bootstrap --seeds 0,1,2,3,4   # ~6 min: spread over seeds
 
 MovieLens-100k is replayed as weekly nights (the first four weeks bootstrap the first model)
 through the flow's own stages: `window.split` (the rows no gate has judged yet, as in the
@@ -26,7 +27,9 @@ truth is printed too (on the clean following weeks), but not counted in the summ
 Printed per rule: promotion rate, false rejections (truly better, rejected; share of truly
 better nights), false promotions (truly worse, promoted; share of judged nights), injected
 bad nights promoted, and weeks lagged (nights the served champion was older than a truly
-better challenger that had been rejected, until the next promotion).
+better challenger that had been rejected, until the next promotion). Each decision changes
+the champion every later night starts from, so a replay is one trajectory: `--seeds`
+replays several training seeds and adds a row per rule pooling their nights.
 """
 
 from __future__ import annotations
@@ -218,6 +221,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
                         "llmrec/quality", help="encoder-output cache folder (outside the repo)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seeds", help="replay each of these training seeds (comma-separated; default: "
+                        "training.seed) and add a row per rule pooling them: one trajectory is one draw")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("llmrec", "httpx", "transformers"):
@@ -237,13 +242,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     every = max(1, len(nights) // (2 if args.quick else 2 * len(INJECTIONS)))
     kinds = INJECTIONS[:2] if args.quick else INJECTIONS
     injected_at = {night: kinds[i % len(kinds)] for i, night in enumerate(nights[1::every][: 2 if args.quick else 2 * len(kinds)])}
+    seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [config.training.seed]
     all_rows, table = [], []
     with tempfile.TemporaryDirectory(prefix="gate-replay-") as workdir:
-        replay = Replay(events, texts, cache, config, Path(workdir))
+        for seed in seeds:
+            torch.manual_seed(seed)
+            seeded = config.model_copy(update={"training": config.training.model_copy(update={"seed": seed})})
+            replay = Replay(events, texts, cache, seeded, Path(workdir))
+            for rule in args.rules.split(","):
+                rows = [row | {"seed": seed} for row in replay.run(rule, nights, injected_at)]
+                all_rows += rows
+                row = summary(rows)
+                table.append({"rule": row["rule"], "seed": seed} | row if len(seeds) > 1 else row)
+    if len(seeds) > 1:
         for rule in args.rules.split(","):
-            rows = replay.run(rule, nights, injected_at)
-            all_rows += rows
-            table.append(summary(rows))
+            per_seed = [[row for row in all_rows if row["rule"] == rule and row["seed"] == seed] for seed in seeds]
+            table.append({"rule": rule, "seed": "all"} | summary([row for rows in per_seed for row in rows])
+                         | {"weeks lagged": sum(summary(rows)["weeks lagged"] for rows in per_seed)})
     print(render_table(all_rows, style="text"))
     print()
     print(render_table(table, style="text"))

@@ -54,18 +54,21 @@ def test_summary_counts_false_decisions_and_lag():
 
 
 @pytest.mark.slow
-def test_gate_replay_quick_runs_both_rules(movielens):
+def test_gate_replay_quick_runs_both_rules_over_seeds(movielens):
     # --quick injects on its 2nd and 3rd nights; 3 nights of 1 epoch keep the test to minutes.
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks/gate_replay.py"), "--quick", "--nights", "3",
-                          "--set", "training.epochs=1", "--data", str(movielens)],
+                          "--set", "training.epochs=1", "--seeds", "0,1", "--data", str(movielens)],
                          capture_output=True, text=True, timeout=1800, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-4000:]
     lines = run.stdout.splitlines()
-    table = [line for line in lines if line.startswith(("point ", "bootstrap "))]
-    assert len(table) == 2, run.stdout[-3000:]
+    table = [line.split("|") for line in lines if line.startswith(("point ", "bootstrap "))]
+    # A row per rule and seed, then a row per rule pooling both seeds' nights.
+    assert [(cells[0].strip(), cells[1].strip()) for cells in table] == [
+        ("point", "0"), ("bootstrap", "0"), ("point", "1"), ("bootstrap", "1"), ("point", "all"), ("bootstrap", "all")]
+    assert [cells[2].strip() for cells in table] == ["3"] * 4 + ["6"] * 2, run.stdout[-3000:]
     assert "injected promoted" in run.stdout and "weeks lagged" in run.stdout
     assert "future rmse difference" in run.stdout and "future recall difference" in run.stdout
-    assert sum(" inverted " in line or " shuffled " in line for line in lines) == 4  # 2 injections x 2 rules
+    assert sum(" inverted " in line or " shuffled " in line for line in lines) == 8  # 2 injections x 2 rules x 2 seeds
 
 
 def test_a_shuffled_movielens_week_is_held_and_the_clean_week_is_not(movielens, tmp_path):
