@@ -82,9 +82,7 @@ def measure(mode: str, home_root: Path, items_file: Path) -> dict:
         counts = events["item_id"].value_counts()
     else:
         rated = History.open(home).rated_positions(item_ids)
-        counts = pd.Series(np.bincount(np.concatenate([*rated.values(), np.zeros(0, np.int64)]),
-                                       minlength=len(item_ids)), index=item_ids)
-        counts = counts[counts > 0]
+        counts = History.rated_counts(rated, item_ids)
     seconds = time.perf_counter() - started
     return {"mode": mode, "seconds": seconds, "peak_rss": common.peak_rss() - imports, "users": len(rated),
             "digest": digest(rated, counts.rename(None).rename_axis(None))}

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from llmrec import registry
@@ -176,12 +175,9 @@ def build_served_model(version: str, checkpoint_dir: Path, home: Home, text_path
                                                 False) if new_items else nothing
         scorer = scorer.extended(new_users, user_vec, user_bias, new_items, item_vec, item_bias)
     # Scanned column by column, batch by batch: an API worker never holds the history as a frame.
-    history = History.open(home)
-    rated = {user: torch.from_numpy(positions) for user, positions in history.rated_positions(scorer.item_ids).items()}
-    # Ratings per catalog item from the same scan (a second scan for the counts would read the ids again).
-    counts = pd.Series(np.bincount(torch.cat([*rated.values(), NO_ITEMS]).numpy(), minlength=len(scorer.item_ids)),
-                       index=scorer.item_ids)
-    counts = counts[counts > 0]
+    positions = History.open(home).rated_positions(scorer.item_ids)
+    rated = {user: torch.from_numpy(rows) for user, rows in positions.items()}
+    counts = History.rated_counts(positions, scorer.item_ids)
     # Most rated first; ties by id, so every worker and replica answers the same list.
     popular = sorted(counts.index, key=lambda i: (-counts[i], i))
     # Items nobody rated yet follow, best item bias first, so a popular list is never short.

@@ -165,3 +165,7 @@ def test_rated_positions_match_the_whole_frame_grouped_by_user(home, monkeypatch
     assert {user: sorted(positions.tolist()) for user, positions in rated.items()} == expected
     assert all(positions.dtype == np.int64 for positions in rated.values())
     assert History([]).rated_positions(catalog) == {}
+    # The popularity from the same positions: ratings per catalog item, unrated items left out.
+    counts = History.rated_counts(rated, catalog)
+    assert counts.to_dict() == kept["item_id"].value_counts().to_dict() and "never-rated" not in counts
+    assert History.rated_counts({}, catalog).empty
