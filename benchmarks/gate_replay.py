@@ -7,7 +7,8 @@
 MovieLens-100k is replayed as weekly nights (the first four weeks bootstrap the first model)
 through the flow's own stages: `window.split` (the rows no gate has judged yet, as in the
 flow), `train.fine_tune` from the served champion, `evaluate.evaluate_models` (challenger
-and champion on the same held-out and anchor rows), `monitor.night_drift` and
+and champion on the same held-out and anchor rows, and the anchor's users scored as new
+users), `monitor.night_drift` and
 `gate.decide` + `gate.hold_for_drift`. Each rule (`point`, the
 earlier rule, and `bootstrap`) runs its own chain: its served champion is what it promoted.
 

@@ -273,14 +273,15 @@ def global_mean_metrics(mean: float, rows: pd.DataFrame) -> dict[str, float]:
 def evaluate_models(window: Window, history: History, challenger: Checkpoint, champion: Checkpoint | None,
                     cache: TextCache, texts: CatalogTexts, config: NightlyConfig) -> dict:
     """Score challenger and champion on the same held-out rows, plus the global-mean
-    predictor: {"challenger": {part: metrics}, "champion": ... or None, "global_mean": ...,
+    predictor, on each of `PARTS` (new_users: the anchor's rows with every user scored from
+    the profile text alone, `Scorer.as_new_users`): {"challenger": {part: metrics}, "champion": ... or None, "global_mean": ...,
     "samples": {part: {"challenger": Sample, "champion": Sample (when there is one)}},
     "segments": [one row per part and segment, see `segment_rows`]}.
     Candidates for ranking exclude every pair in the curated `history` outside the part
     itself; only the events of the users ranked are read. The segments count ratings per
     user and per item over the history outside the part, in scans of one column."""
-    parts = {"held_out": window.held_out, "anchor": window.anchor}
-    eval_rows = pd.concat(parts.values(), ignore_index=True)
+    parts = {"held_out": window.held_out, "anchor": window.anchor, "new_users": window.anchor}
+    eval_rows = pd.concat([window.held_out, window.anchor], ignore_index=True)
     samples: dict[str, dict] = {part: {} for part, rows in parts.items() if not rows.empty}
     ranked = eval_rows.loc[eval_rows["rating"] >= config.evaluation.relevant_rating, "user_id"].unique()
     seen = history.pairs(ranked)
@@ -291,9 +292,11 @@ def evaluate_models(window: Window, history: History, challenger: Checkpoint, ch
         for part, rows in parts.items():
             if rows.empty:
                 continue
+            part_scorer = (scorer.as_new_users(checkpoint, cache, texts, sorted(rows["user_id"].unique()))
+                           if part == "new_users" else scorer)
             trained_pairs = without(seen, rows)[["user_id", "item_id"]]
             out[part], samples[part][who] = evaluate_sample(
-                scorer, rows, trained_pairs, config.evaluation.k, config.evaluation.relevant_rating,
+                part_scorer, rows, trained_pairs, config.evaluation.k, config.evaluation.relevant_rating,
                 config.training.positive_threshold)
         return out
 
@@ -304,6 +307,7 @@ def evaluate_models(window: Window, history: History, challenger: Checkpoint, ch
         "global_mean": {part: global_mean_metrics(mean, rows) for part, rows in parts.items() if not rows.empty},
         "samples": samples,
     }
-    result["segments"] = [row for part, rows in parts.items() if not rows.empty
+    # new_users has no segments: its users are all scored as new, whatever their history.
+    result["segments"] = [row for part, rows in parts.items() if not rows.empty and part != "new_users"
                           for row in segment_rows(part, rows, *history.counts(rows), samples[part], config.evaluation)]
     return result

@@ -29,8 +29,7 @@ from mlflow.models import EvaluationResult, MetricThreshold
 from mlflow.models.evaluation.validation import ModelValidationFailedException
 from scipy import stats
 
-from llmrec.config import GateConfig
-from llmrec.window import PARTS
+from llmrec.config import PARTS, RATING_ONLY_PARTS, GateConfig
 
 if TYPE_CHECKING:
     from llmrec.evaluate import Sample
@@ -200,10 +199,11 @@ def _vs_global_mean(part: str, metric: str, challenger: float, baseline: float) 
     return Check(part, metric, challenger, baseline, "global_mean", passed, rule)
 
 
-def margin_of(metric: str, champion: float, config: GateConfig) -> float:
-    """`gate.margin[metric]` in the metric's units: a number is absolute, "2%" is relative
-    to the champion's value; a metric without a margin has 0."""
-    value = config.margin.get(metric, 0.0)
+def margin_of(part: str, metric: str, champion: float, config: GateConfig) -> float:
+    """`gate.margin["<part>.<metric>"]`, else `gate.margin[metric]`, in the metric's units: a
+    number is absolute, "2%" is relative to the champion's value; a metric without a margin
+    has 0."""
+    value = config.margin.get(f"{part}.{metric}", config.margin.get(metric, 0.0))
     if isinstance(value, str):
         return abs(champion) * float(value.rstrip("%")) / 100.0
     return float(value)
@@ -246,7 +246,7 @@ def paired_interval(metric: str, ours: np.ndarray, theirs: np.ndarray, resamples
 def _bootstrap_check(part: str, metric: str, challenger: float, champion: float, ours: Sample, theirs: Sample,
                      config: GateConfig) -> Check:
     lower = lower_is_better(metric)
-    margin = margin_of(metric, champion, config)
+    margin = margin_of(part, metric, champion, config)
     a, b = paired_values(metric, ours, theirs)
     worse = "higher" if lower else "lower"
     rule = (f"{metric} on {part}: fails when the challenger is {worse} than the champion by more than "
@@ -271,7 +271,7 @@ def _bootstrap_check(part: str, metric: str, challenger: float, champion: float,
 def decide(challenger: dict, champion: dict | None, global_mean: dict, config: GateConfig,
            samples: dict | None = None) -> Decision:
     """Compare the challenger's metrics with the champion's (or, for the first model, with the
-    global-mean predictor's) on both held-out parts and decide whether to promote it.
+    global-mean predictor's) on the evaluated parts (`PARTS`) and decide whether to promote it.
 
     Metrics are nested `{part: {metric: value}}`; `samples` is evaluate_models' `samples`
     (`{part: {"challenger": Sample, "champion": Sample}}`), needed by the bootstrap rule. A
@@ -292,11 +292,15 @@ def decide(challenger: dict, champion: dict | None, global_mean: dict, config: G
             )
 
     for part in PARTS:
+        if part in RATING_ONLY_PARTS and champion is None:
+            continue  # the first model is judged against the global mean on the observed users
         missing = [side for side, m in (("challenger", challenger), (reference_name, reference)) if part not in m]
         if missing:
             skipped.append(f"part {part} missing from {' and '.join(missing)}")
             continue
         for metric in metrics:
+            if part in RATING_ONLY_PARTS and not lower_is_better(metric):
+                continue
             ours, theirs = _value(challenger, part, metric), _value(reference, part, metric)
             if math.isnan(theirs):
                 skipped.append(f"{metric} on {part} not comparable, {reference_name} value is NaN")

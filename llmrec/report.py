@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+from llmrec.config import PARTS
 from llmrec.gate import check_rows
-from llmrec.window import PARTS
 
 
 def format_cell(value: object, column: str = "") -> str:

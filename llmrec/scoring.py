@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from llmrec.encoder import TextCache, TextFeatures
-from llmrec.model import Checkpoint, output_transform, rating, read_state
+from llmrec.model import UNKNOWN, Checkpoint, output_transform, rating, read_state
 from llmrec.schema import CatalogTexts
 
 CHUNK = 4096
@@ -78,6 +78,15 @@ class Scorer:
                                                cache.features([texts.items.get(i, "") for i in item_ids]), False)
         return cls(float(checkpoint.model.mu.detach()), user_ids, user_vectors, user_bias,
                    item_ids, item_vectors, item_bias, checkpoint.loss_kind, rank_biases(checkpoint, item_rows))
+
+    def as_new_users(self, checkpoint: Checkpoint, cache: TextCache, texts: CatalogTexts,
+                     user_ids: list[str]) -> "Scorer":
+        """A scorer of `user_ids` as users `checkpoint` has never seen (the unknown id's
+        embedding and bias: their profile text alone), over this scorer's items."""
+        user_vectors, user_bias = side_vectors(checkpoint, np.full(len(user_ids), UNKNOWN, dtype=np.int64),
+                                               cache.features([texts.users.get(u, "") for u in user_ids]), True)
+        return Scorer(self.mu, user_ids, user_vectors, user_bias, self.item_ids, self.item_matrix(), self.item_bias,
+                      self.loss_kind, self.item_rank_bias)
 
     @classmethod
     def load(cls, folder: Path) -> "Scorer":

@@ -26,8 +26,6 @@ from llmrec.history import History
 from llmrec.ingest import write_atomic
 
 KEY = ["user_id", "item_id", "timestamp"]
-# The parts every model is evaluated on, in report order.
-PARTS = ("held_out", "anchor")
 
 
 @dataclass

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -101,3 +102,52 @@ def test_a_shuffled_movielens_week_is_held_and_the_clean_week_is_not(movielens, 
     assert shuffled.scores["rating"] == pytest.approx(clean.scores["rating"])
     assert shuffled.consistency < 0.75 * baseline and shuffled.consistency_users >= 20
     assert drift_hold(shuffled, config).startswith("tonight's ratings agree with the items' past ratings less")
+
+
+def test_a_week_of_harsh_new_raters_fails_the_new_user_check(movielens, tmp_path):
+    """Why the gate scores the anchor's users as new users: MovieLens weeks 15 and 20 were
+    weeks of harsh heavy raters, and a challenger trained on one rates every new user lower
+    (the text prior is shared), which the weeks that follow (mostly new users) punish. Here
+    the replay's first weekly night gets two new users with 700 ratings of 1 and 2: tonight's
+    held-out rows do not object, the new-user check does. The same night clean passes it."""
+    from quality import weekly
+
+    from gate_replay import Replay
+    from llmrec.config import NightlyConfig
+    from llmrec.data import load_movielens
+    from llmrec.encoder import TextCache, load_encoder
+    from llmrec.model import Champion
+    from llmrec.schema import CatalogTexts, render_text
+
+    events, items, users = load_movielens(movielens)
+    events = weekly(events)
+    profiles = render_text(users, "user_id").to_dict()
+    # Harsh raters with profiles like everyone's (MovieLens' harsh raters had them).
+    harsh_ids = ["harsh-1", "harsh-2"]
+    texts = CatalogTexts(profiles | dict(zip(harsh_ids, (profiles["1"], profiles["2"]))),
+                         render_text(items, "item_id").to_dict())
+    config = NightlyConfig()
+    cache = TextCache.for_model(tmp_path / "cache", load_encoder(config.model.encoder), config.model)
+    replay = Replay(events, texts, cache, config, tmp_path)
+    window, _, bootstrap = replay.challenger(Champion(), events, 1, 0, None, config)
+    champion, anchor = Champion(version="1", checkpoint=bootstrap.checkpoint), window.anchor
+
+    night = events[events["_ingest_seq"] == 2]
+    rng = np.random.default_rng(0)
+    popular = events["item_id"].value_counts().index[:700]  # films people watch
+    harsh = pd.concat([pd.DataFrame({"user_id": user, "item_id": rng.permutation(popular),
+                                     "rating": rng.choice([1.0, 2.0], 700),
+                                     "timestamp": rng.choice(night["timestamp"].to_numpy(), 700), "_ingest_seq": 2})
+                       for user in harsh_ids])
+    harsh_events = pd.concat([events, harsh], ignore_index=True).sort_values("timestamp", kind="stable")
+
+    def new_user_check(evts):
+        w, upto, trained = replay.challenger(champion, evts, 2, 1, anchor, config)
+        decision, _ = replay.gate(w, upto, trained, champion, config, [])
+        return {(c.part, c.metric): c for c in decision.checks}
+
+    clean, harsh_night = new_user_check(events), new_user_check(harsh_events)
+    assert clean[("new_users", "rmse")].passed, clean[("new_users", "rmse")].outcome()
+    check = harsh_night[("new_users", "rmse")]
+    assert check.low > check.margin and not check.passed, check.outcome()
+    assert harsh_night[("held_out", "rmse")].passed  # tonight's rows alone would let it through

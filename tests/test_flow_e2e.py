@@ -75,7 +75,9 @@ def test_nightly_flow_end_to_end(prefect_server, world):
     assert second["vocab"]["added_items"] > 0
     assert second["vocab"]["items"] > first["vocab"]["items"]
     assert second["metrics"]["champion"] is not None
-    assert set(second["metrics"]["challenger"]) == {"held_out", "anchor"}
+    assert set(second["metrics"]["challenger"]) == {"held_out", "anchor", "new_users"}
+    # The anchor's users scored as new users are judged too: the prior every new user gets.
+    assert ("new_users", "rmse") in {(c["part"], c["metric"]) for c in second["decision"]["checks"]}
 
     # Same files again: nothing ingested, nothing registered.
     count = len(versions(config))

@@ -248,11 +248,36 @@ def test_margin_absolute_and_relative():
     assert gate(sample(worse), sample(CHAMPION_ERRORS), metrics=["rmse"], margin={"rmse": 0.2}).promote
     assert gate(sample(worse), sample(CHAMPION_ERRORS), metrics=["rmse"], margin={"rmse": "10%"}).promote
     assert not gate(sample(worse), sample(CHAMPION_ERRORS), metrics=["rmse"], margin={"rmse": "1%"}).promote
-    assert margin_of("rmse", champion_rmse, GateConfig(margin={"rmse": "10%"})) == pytest.approx(0.1 * champion_rmse)
-    assert margin_of("mae", 0.7, GateConfig(margin={"rmse": 0.5})) == 0.0
+    assert margin_of("held_out", "rmse", champion_rmse, GateConfig(margin={"rmse": "10%"})) == pytest.approx(
+        0.1 * champion_rmse)
+    assert margin_of("held_out", "mae", 0.7, GateConfig(margin={"rmse": 0.5})) == 0.0
 
 
-@pytest.mark.parametrize("bad", [{"rmse": -0.1}, {"rmse": "ten%"}, {"rmse": "5"}, {"auc": 0.1}])
+def test_a_part_margin_overrides_the_metric_margin_on_that_part_only():
+    config = GateConfig(margin={"rmse": "10%", "new_users.rmse": 0.05})
+    assert margin_of("new_users", "rmse", 2.0, config) == 0.05
+    assert margin_of("anchor", "rmse", 2.0, config) == pytest.approx(0.2)
+    worse = CHAMPION_ERRORS * 1.05
+    parts = {part: metrics_of(sample(worse)) for part in ("held_out", "new_users")}
+    reference = {part: metrics_of(sample(CHAMPION_ERRORS)) for part in ("held_out", "new_users")}
+    samples = {part: {"challenger": sample(worse), "champion": sample(CHAMPION_ERRORS)} for part in parts}
+    d = decide(parts, reference, GLOBAL_MEAN, GateConfig(metrics=["rmse"], resamples=1000,
+                                                         margin={"rmse": "10%", "new_users.rmse": "1%"}), samples)
+    assert [(c.part, c.status) for c in d.checks] == [("held_out", "pass"), ("new_users", "fail")]
+    assert not d.promote and "rmse on new_users" in d.reason
+
+
+def test_new_users_part_gates_error_metrics_against_a_champion_only():
+    both = metrics() | {"new_users": metrics()["anchor"]}
+    d = decide(both, dict(both), GLOBAL_MEAN, POINT)
+    assert {(c.part, c.metric) for c in d.checks if c.part == "new_users"} == {("new_users", "rmse")}
+    # The first model is judged against the global mean on the observed users only.
+    first = decide(both, None, GLOBAL_MEAN, POINT)
+    assert {c.part for c in first.checks} == {"held_out", "anchor"} and "new_users" not in first.reason
+
+
+@pytest.mark.parametrize("bad", [{"rmse": -0.1}, {"rmse": "ten%"}, {"rmse": "5"}, {"auc": 0.1},
+                                 {"future.rmse": "1%"}, {"anchor.auc": 0.1}])
 def test_bad_margins_are_refused(bad):
     with pytest.raises(ValueError, match="margin"):
         GateConfig(margin=bad)

@@ -121,6 +121,24 @@ def test_unseen_item_is_scored_from_its_text(tiny_encoder):
     assert on_action.mean() > 0.3 and on_comedy.mean() > 0.3
 
 
+def test_known_users_scored_as_new_get_their_text_prior_only(tiny_encoder):
+    checkpoint, cache, _, (frame, user_texts, item_texts) = trained(tiny_encoder, epochs=8)
+    scorer = scorer_for(checkpoint, cache, user_texts, item_texts)
+    users = ["u0", "u1", "u5"]
+    as_new = scorer.as_new_users(checkpoint, cache, CatalogTexts(user_texts, item_texts), users)
+    # The same profiles under ids the model never saw are scored from their text alone.
+    ghosts = {f"ghost-{u}": user_texts[u] for u in users}
+    ghost_scorer = scorer_for(checkpoint, cache, user_texts | ghosts, item_texts)
+    items = ["i0", "i1", "i2", "i3"]
+    for user in users:
+        np.testing.assert_allclose(as_new.predict([user] * 4, items), ghost_scorer.predict([f"ghost-{user}"] * 4, items),
+                                   rtol=1e-5, atol=1e-5)
+    # Not the known user's own scores: the learned id embedding and bias are left out.
+    assert not np.allclose(as_new.predict(["u0"] * 4, items), scorer.predict(["u0"] * 4, items), atol=1e-3)
+    # The taste the text carries survives: a fan of action still prefers the action film.
+    assert (as_new.predict(["u0"], ["i0"]) - as_new.predict(["u0"], ["i1"]))[0] > 0
+
+
 def test_trainable_top_layer_is_fine_tuned_and_bottom_is_not(tiny_encoder):
     before_top = tiny_encoder.layers[-1].attention.self.query.weight.detach().clone()
     before_bottom = tiny_encoder.layers[0].attention.self.query.weight.detach().clone()
