@@ -247,8 +247,8 @@ class GateConfig(BaseModel):
         description='bootstrap rule: per gated metric ("rmse", every part) or per part and metric '
         '("anchor.rmse", overrides the metric\'s), how much worse than the champion is still '
         'acceptable: a number (absolute, in the metric\'s units) or "N%" (relative to the '
-        "champion's value); a metric not listed has margin 0. The defaults, measured with "
-        "benchmarks/gate_replay.py over five seeds: RMSE up to 1% worse (held-out weeks differ from "
+        "champion's value); a metric not listed has margin 0. The defaults, chosen with "
+        "benchmarks/gate_replay.py on five seeds and checked on five more: RMSE up to 1% worse (held-out weeks differ from "
         "the weeks that follow by about that much), but only 0.5% on new_users (a shifted "
         "new-user prior is what made challengers worse on the weeks that follow), and recall@10 on "
         "the anchor up to 10% lower (the anchor's old users lose recall when a model follows newer weeks).",

@@ -274,7 +274,8 @@ def evaluate_models(window: Window, history: History, challenger: Checkpoint, ch
                     cache: TextCache, texts: CatalogTexts, config: NightlyConfig) -> dict:
     """Score challenger and champion on the same held-out rows, plus the global-mean
     predictor, on each of `PARTS` (new_users: the anchor's rows with every user scored from
-    the profile text alone, `Scorer.as_new_users`): {"challenger": {part: metrics}, "champion": ... or None, "global_mean": ...,
+    the profile text alone, `Scorer.as_new_users`): {"challenger": {part: metrics},
+    "champion": ... or None, "global_mean": ...,
     "samples": {part: {"challenger": Sample, "champion": Sample (when there is one)}},
     "segments": [one row per part and segment, see `segment_rows`]}.
     Candidates for ranking exclude every pair in the curated `history` outside the part
