@@ -43,6 +43,9 @@ def run_demo(ml100k: Path | None, nights: int, workdir: Path, overrides: dict, h
     if not home.is_relative_to(workdir) and home.exists() and any(home.iterdir()):
         raise LlmrecError(f"--home {home}: already holds state; the demo starts from an empty home "
                           f"(or leave it unset to use {workdir / 'home'})")
+    drops, landing = workdir / "drops", workdir / "landing"
+    # Checked before anything is written: a bad --set is one line, exit 2 (load_config).
+    config = NightlyConfig.from_sources(None, (), **deep_merge({"landing": str(landing), "home": str(home)}, overrides))
     # The work folder is the demo's own scratch folder, rebuilt on every run, and only its
     # own: a folder without the marker it leaves is someone's data.
     if workdir.exists() and any(workdir.iterdir()):
@@ -52,7 +55,6 @@ def run_demo(ml100k: Path | None, nights: int, workdir: Path, overrides: dict, h
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / DEMO_MARKER).write_text("made by `llmrec demo`, which empties this folder on its next run\n")
-    drops, landing = workdir / "drops", workdir / "landing"
     landing.mkdir(parents=True)
     if ml100k is not None:
         tags = movielens_drops(ml100k, drops, period="7D", bootstrap_days=28)
@@ -62,7 +64,6 @@ def run_demo(ml100k: Path | None, nights: int, workdir: Path, overrides: dict, h
         tags = synthetic_drops(drops, **DEMO_SYNTHETIC)
         print(f"synthetic data: {len(tags)} daily drops ({DEMO_SYNTHETIC})")
         nightly_drops = [tags[:SYNTHETIC_BOOTSTRAP_DROPS]] + [[tag] for tag in tags[SYNTHETIC_BOOTSTRAP_DROPS:]]
-    config = NightlyConfig(**deep_merge({"landing": str(landing), "home": str(home)}, overrides))
     rows = []
     for night, night_tags in enumerate(nightly_drops[: nights + 1], start=1):
         for tag in night_tags:

@@ -83,10 +83,15 @@ def test_alerts_install_needs_a_prefect_server(monkeypatch):
 
 
 @pytest.mark.parametrize("value, needle", [("gate.rule=median", "gate.rule"), ('gate.margin={"rmse":"x"}', "margin"),
+                                           ('gate.margin={"future.rmse":"1%"}', "unknown part 'future'"),
                                            ("monitor.hold_columns=[\"age\"]", "monitor.hold_columns")])
 def test_bad_gate_and_monitor_parameters(value, needle, tmp_path):
     result = runner.invoke(app, ["nightly", "--landing", str(tmp_path), "--set", value])
     assert result.exit_code == 2 and needle in result.output
+    # The demo checks its --set the same way, before it writes anything.
+    result = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "demo"), "--nights", "0", "--set", value])
+    assert result.exit_code == 2 and needle in result.output, result.output
+    assert not (tmp_path / "demo").exists()
 
 
 def test_unreachable_landing_uri_is_one_line_not_retried_no_flow_run(tmp_path):
