@@ -200,21 +200,23 @@ def night_drift(history: History, watermark: int, texts: CatalogTexts, config: M
     reference, current = drift_columns(history, watermark, texts, config.reference_rows, config.seed, new_rows)
     if reference.empty or current.empty:
         return None
-    record = measure_drift(reference, current, config)
-    record.raters = one_value_raters(new_rows, config)
-    record.consistency, record.consistency_users = rating_consistency(new_rows["user_id"], current, config)
-    record.consistency_baseline = baseline
+
+    def measured(rows: np.ndarray, snapshot: bool) -> DriftRecord:
+        """The drift record of the new rows where `rows` is true: column scores, one-value
+        raters and rating consistency (held against `baseline`)."""
+        part = current[rows].reset_index(drop=True)
+        record = measure_drift(reference, part, config, snapshot=snapshot)
+        record.raters = one_value_raters(new_rows[rows], config)
+        record.consistency, record.consistency_users = rating_consistency(
+            new_rows["user_id"][rows].reset_index(drop=True), part, config)
+        record.consistency_baseline = baseline
+        return record
+
     sequences = new_rows["_ingest_seq"].to_numpy()
+    record = measured(np.ones(len(sequences), dtype=bool), snapshot=True)
     if len(np.unique(sequences)) > 1:
-        for seq in np.unique(sequences):
-            # Only the scores decide a hold; the night's record carries the report.
-            batch_rows = current[sequences == seq].reset_index(drop=True)
-            batch = measure_drift(reference, batch_rows, config, snapshot=False)
-            batch.raters = one_value_raters(new_rows[sequences == seq], config)
-            batch.consistency, batch.consistency_users = rating_consistency(
-                new_rows["user_id"][sequences == seq].reset_index(drop=True), batch_rows, config)
-            batch.consistency_baseline = baseline
-            record.batches[int(seq)] = batch
+        # Only the scores decide a hold; the night's record carries the report.
+        record.batches = {int(seq): measured(sequences == seq, snapshot=False) for seq in np.unique(sequences)}
     return record
 
 
