@@ -74,6 +74,20 @@ class ModelConfig(BaseModel):
         "instead (peft). Needs trainable_layers >= 1.",
     )
     lora_alpha: float = Field(16.0, gt=0, le=1024.0, description="LoRA scaling numerator (the update is alpha/rank * BA).")
+    profile_dim: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="Hidden size of the items' rating-profile autoencoder (llmrec.profile): above 0, it is "
+        "trained beside the model on every trained (user, item, rating), which the checkpoint then keeps; "
+        "each item's ratings are encoded to a code h_i (two layers with GLocal-K's local kernel) and "
+        "decoded as b'_u + <d_u, h_i>, and a known user's rating mixes it in (profile_share). "
+        "0 (off) by default: the u1..u5 benchmark turns it on (500).",
+    )
+    profile_share: float = Field(
+        0.6, ge=0, le=1, description="With profile_dim > 0: the autoencoder's share of a known user's rating "
+        "(new users are scored by the model alone).",
+    )
 
     @model_validator(mode="after")
     def _lora_needs_layers(self):
@@ -94,6 +108,19 @@ class TrainingConfig(BaseModel):
     encoder_lr: float = Field(2e-5, gt=0, le=1.0, description="AdamW learning rate for trainable encoder layers.")
     lora_lr: float = Field(
         5e-4, gt=0, le=1.0, description="AdamW learning rate for LoRA adapters (model.lora_rank > 0), used instead of encoder_lr."
+    )
+    profile_epochs: int = Field(
+        600, ge=1, le=100000, description="With model.profile_dim > 0: full-batch Adam steps of the rating-profile "
+        "autoencoder over all the profiles, after the model's epochs (a resumed night continues from its weights).",
+    )
+    profile_lr: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate of the rating-profile autoencoder.")
+    profile_l2: float = Field(
+        15.0, ge=0, le=1e6, description="L2 penalty (lambda / 2 x squared norm) on the rating-profile autoencoder's "
+        "weights, against its summed squared error (GLocal-K's lambda_2).",
+    )
+    profile_kernel_l2: float = Field(
+        0.006, ge=0, le=1e6, description="Penalty (lambda / 2 x squared norm) on its local kernels (GLocal-K's "
+        "lambda_s): pushes connections off.",
     )
     l2: float = Field(
         0.1, ge=0, le=10.0, description="Per-rating L2 penalty on the user and item vectors and biases. 0.1 "

@@ -38,6 +38,7 @@ from torch import nn
 from llmrec.config import ModelConfig
 from llmrec.encoder import Encoder, TextFeatures, mean_pool, run_layers
 from llmrec.files import replace_atomically
+from llmrec.profile import RatingProfiles
 
 UNKNOWN = 0
 # Weights a checkpoint may lack because it predates them; they load as initialised (zero).
@@ -50,9 +51,12 @@ PIECE_CUDA = 1024
 
 
 class Recommender(nn.Module):
-    def __init__(self, hidden_size: int, dim: int, n_users: int, n_items: int, top_layers: nn.ModuleList | None = None):
+    def __init__(self, hidden_size: int, dim: int, n_users: int, n_items: int, top_layers: nn.ModuleList | None = None,
+                 profile_dim: int = 0, profile_share: float = 0.6):
         super().__init__()
         self.dim = dim
+        self.profile_dim = profile_dim
+        self.profile_share = profile_share
         self.mu = nn.Parameter(torch.tensor(3.5))
         self.user_id = nn.Embedding(n_users, dim)
         self.item_id = nn.Embedding(n_items, dim)
@@ -77,6 +81,13 @@ class Recommender(nn.Module):
         for linear in (self.user_text, self.item_text):
             nn.init.normal_(linear.weight, std=0.05)
             nn.init.zeros_(linear.bias)
+        # The items' rating-profile autoencoder (llmrec.profile), when configured.
+        self.profiles = RatingProfiles(n_users, n_items, profile_dim) if profile_dim else None
+
+    @property
+    def width(self) -> int:
+        """Length of the served v_u and v_i: dim, plus profile_dim + 1 with rating profiles."""
+        return self.dim + (self.profile_dim + 1 if self.profile_dim else 0)
 
     def encode(self, features: TextFeatures) -> torch.Tensor:
         if features.pooled is not None:
@@ -97,6 +108,24 @@ class Recommender(nn.Module):
         id_vector = (self.user_id if user else self.item_id)(ids)
         id_bias = (self.user_bias if user else self.item_bias)(ids)[:, 0]
         return text[:, : self.dim] + id_vector, text[:, self.dim] + id_bias
+
+    def served_side(self, ids: torch.Tensor, pooled: torch.Tensor, user: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The vectors and biases scoring uses. Without rating profiles, `side`'s. With them,
+        a known user's rating is (1 - s) x this model's + s x the autoencoder's (s =
+        profile_share), in the same formula r = mu + b_u + b_i + <v_u, v_i>:
+            v_u = [(1 - s) v_u, s d_u, 1 - s]    b_u = (1 - s) b_u + s (b'_u - mu)
+            v_i = [v_i, h_i, b_i]                b_i = 0
+        (b_i moves into the vectors, so that an unknown user, who has no d_u, keeps all of
+        this model's rating: weight 1 instead of 1 - s)."""
+        vector, bias = self.side(ids, pooled, user)
+        if not self.profile_dim:
+            return vector, bias
+        if not user:
+            return torch.cat([vector, self.profiles.code(ids).to(vector.dtype), bias[:, None]], dim=1), torch.zeros_like(bias)
+        share = torch.where(ids == UNKNOWN, 0.0, self.profile_share).to(vector.dtype)[:, None]
+        profile_vec, profile_bias = self.profiles.decoder(ids)
+        vector = torch.cat([(1 - share) * vector, share * profile_vec, 1 - share], dim=1)
+        return vector, (1 - share[:, 0]) * bias + share[:, 0] * (profile_bias - self.mu)
 
     def rank_bias(self, ids: torch.Tensor) -> torch.Tensor:
         """a_i = w * log(1 + popularity_i) + a learned per-item offset."""
@@ -194,7 +223,8 @@ def top_layers_of(encoder: Encoder, config: ModelConfig) -> nn.ModuleList:
 
 def new_checkpoint(encoder: Encoder, config: ModelConfig, seed: int) -> Checkpoint:
     torch.manual_seed(seed)
-    model = Recommender(encoder.hidden_size, config.dim, 1, 1, top_layers_of(encoder, config))
+    model = Recommender(encoder.hidden_size, config.dim, 1, 1, top_layers_of(encoder, config), config.profile_dim,
+                        config.profile_share)
     return Checkpoint(model=model, config=config, encoder_identity=encoder.identity, users=Vocab(), items=Vocab())
 
 
@@ -225,6 +255,8 @@ def grow(checkpoint: Checkpoint, user_ids, item_ids, seed: int) -> tuple[int, in
     popularity = model.item_popularity
     if len(popularity) < len(checkpoint.items):
         model.item_popularity = torch.cat([popularity, torch.zeros(len(checkpoint.items) - len(popularity))])
+    if model.profiles is not None:
+        model.profiles.grow(len(checkpoint.users), len(checkpoint.items), generator)
     return added_users, added_items
 
 
@@ -290,8 +322,13 @@ def load(folder: Path, encoder: Encoder) -> Checkpoint:
         )
     config = ModelConfig(**meta["model_config"])
     users, items = Vocab(list(meta["user_ids"])), Vocab(list(meta["item_ids"]))
-    model = Recommender(encoder.hidden_size, config.dim, len(users), len(items), top_layers_of(encoder, config))
-    missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    model = Recommender(encoder.hidden_size, config.dim, len(users), len(items), top_layers_of(encoder, config),
+                        config.profile_dim, config.profile_share)
+    weights = load_file(str(folder / "model.safetensors"))
+    if model.profiles is not None:  # its ratings' count is not known before reading them
+        model.profiles.set_ratings(weights["profiles.users"], weights["profiles.items"], weights["profiles.ratings"],
+                                   len(items))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     # Checkpoints written before the ranking bias existed load with it at zero, which
     # ranks exactly as they did.
     if unexpected or set(missing) - OPTIONAL_WEIGHTS:

@@ -28,11 +28,11 @@ def side_vectors(checkpoint: Checkpoint, rows: np.ndarray, features: TextFeature
         for start in range(0, len(rows), CHUNK):
             index = torch.arange(start, min(start + CHUNK, len(rows)))
             pooled = model.encode(features.take(index))
-            v, b = model.side(torch.as_tensor(rows[start : start + CHUNK]), pooled, user=user)
+            v, b = model.served_side(torch.as_tensor(rows[start : start + CHUNK]), pooled, user=user)
             vectors.append(v.float())
             biases.append(b.float())
     if not vectors:
-        return torch.zeros(0, model.dim), torch.zeros(0)
+        return torch.zeros(0, model.width), torch.zeros(0)
     return torch.cat(vectors), torch.cat(biases)
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from llmrec.config import ModelConfig, TrainingConfig
 from llmrec.encoder import TextCache, TextFeatures
 from llmrec.model import Champion, Checkpoint, grow, new_checkpoint, save
+from llmrec.profile import train_profiles
 from llmrec.schema import CatalogTexts
 from llmrec.scoring import Scorer
 from llmrec.window import Window
@@ -41,6 +42,8 @@ def pick_device(requested: str) -> torch.device:
 @dataclass
 class TrainResult:
     epoch_losses: list[float] = field(default_factory=list)
+    # The rating-profile autoencoder's RMSE on its training ratings, every 100 steps.
+    profile_losses: list[float] = field(default_factory=list)
     steps: int = 0
     ratings: int = 0
     seconds: float = 0.0
@@ -64,7 +67,8 @@ def make_optimizer(checkpoint: Checkpoint, config: TrainingConfig, device: torch
     scale = config.resume_shared_lr_scale if checkpoint.global_step > 0 else 1.0
     id_params, shared_params, encoder_params, rank_params = [], [], [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        # (The rating-profile autoencoder has its own loop, `train_profiles`.)
+        if p.requires_grad and not name.startswith("profiles."):
             module = name.split(".")[0]
             group = (encoder_params if module == "top_layers" else rank_params if module in RANK_PARAMS
                      else id_params if module in ID_TABLES else shared_params)
@@ -337,8 +341,10 @@ def fit(
     if first_run and config.loss == "mse" and len(train_rows):
         with torch.no_grad():
             checkpoint.model.mu.fill_(float(train_rows["rating"].mean()))
+    user_rows, item_rows = checkpoint.users.rows(train_rows["user_id"].tolist()), checkpoint.items.rows(train_rows["item_id"].tolist())
+    ratings = train_rows["rating"].to_numpy(dtype=np.float32)
     with torch.no_grad():
-        counts = np.bincount(checkpoint.items.rows(train_rows["item_id"].tolist()), minlength=len(checkpoint.items))
+        counts = np.bincount(item_rows, minlength=len(checkpoint.items))
         popularity = checkpoint.model.item_popularity
         popularity.mul_(config.popularity_decay).add_(torch.as_tensor(counts, dtype=popularity.dtype))
         popularity[0] = 0.0  # the unknown item
@@ -346,12 +352,16 @@ def fit(
         checkpoint,
         cache.features([texts.users.get(u, "") for u in checkpoint.users.ids]),
         cache.features([texts.items.get(i, "") for i in checkpoint.items.ids]),
-        checkpoint.users.rows(train_rows["user_id"].tolist()),
-        checkpoint.items.rows(train_rows["item_id"].tolist()),
-        train_rows["rating"].to_numpy(dtype=np.float32),
+        user_rows,
+        item_rows,
+        ratings,
         config,
         on_epoch,
     )
+    profiles = checkpoint.model.profiles
+    if profiles is not None:
+        profiles.add_ratings(user_rows, item_rows, ratings, len(checkpoint.items))
+        result.profile_losses = train_profiles(profiles, config, pick_device(config.device))
     return result, {"added_users": added_users, "added_items": added_items,
                     "users": len(checkpoint.users) - 1, "items": len(checkpoint.items) - 1}
 
@@ -395,7 +405,8 @@ def fine_tune(champion: Champion, cache: TextCache, texts: CatalogTexts, window:
     last = pd.concat([window.train["timestamp"], window.held_out["timestamp"]]).max()
     checkpoint.max_event_time = pd.Timestamp(last).isoformat()
     checkpoint.history.append({"run": run_name, "trained_at": datetime.now(timezone.utc).isoformat(),
-                               "train_rows": len(window.train), "steps": result.steps, "epoch_losses": result.epoch_losses})
+                               "train_rows": len(window.train), "steps": result.steps, "epoch_losses": result.epoch_losses}
+                              | ({"profile_rmse": result.profile_losses} if result.profile_losses else {}))
     scorer = Scorer.from_checkpoint(checkpoint, cache, texts)
     folder = save(checkpoint, out_dir, *scorer.vectors())
     return Trained(checkpoint=checkpoint, checkpoint_dir=folder, scorer=scorer, result=result, vocab=vocab,
