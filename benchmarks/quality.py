@@ -106,7 +106,8 @@ MF_PARAMS = dict(dim=64, lr=0.005, reg=0.1, epochs=20, batch=64, init_std=0.1)
 # lambda_2 40 0.9002; lambda_s 0.03 0.9096; hidden 700 no better; plain I-AutoRec (no kernel,
 # lambda 100, 1000 steps) 0.8973; L-BFGS (GLocal-K's optimiser) 0.8909 at best. Mixed with
 # the model: share 0.5 0.8804 (lambda_2 20, 700 steps); lambda_2 15 / 600 steps with share 0.6
-# and 15 epochs 0.8788 (chosen; 10 epochs 0.8795). Trained jointly with the model in its
+# and 15 epochs 0.8788 (chosen; 10 epochs 0.8795). Around it: 700 steps 0.8795, lambda_s 0.01
+# 0.8815, share 0.65 with lambda_s 0.003 0.8800, the model's l2 0.07 0.8790. Trained jointly with the model in its
 # minibatch loop instead, it was worse than the model alone (0.9029-0.9166), hence its own loop.
 FOLD_SET = ["training.epochs=15", "model.dim=32", "training.ranking_weight=0.5", "model.profile_dim=500"]
 # Biased MF on u1..u5: Surprise's SVD defaults (the published 0.934 row), 20 epochs.

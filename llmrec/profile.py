@@ -173,5 +173,11 @@ def train_profiles(profiles: RatingProfiles, config, device: torch.device) -> li
         if (step + 1) % 100 == 0 or step + 1 == config.profile_epochs:
             rmse.append(math.sqrt(squared / max(len(profiles.ratings), 1)))
             log.info("rating profiles step %d/%d: training RMSE %.4f", step + 1, config.profile_epochs, rmse[-1])
+    spread = float(profiles.ratings.std()) if len(profiles.ratings) > 1 else math.nan
+    if rmse and not rmse[-1] < spread:
+        # The decoder starts at 0 and climbs to the rating scale step by step.
+        log.warning("rating profiles: training RMSE %.3f after %d steps is no better than predicting the mean "
+                    "rating (%.3f); raise training.profile_epochs or training.profile_lr, or lower "
+                    "training.profile_l2 for fewer ratings", rmse[-1], config.profile_epochs, spread)
     profiles.cpu().eval()
     return rmse

@@ -277,3 +277,41 @@ def test_user_errors_are_not_retried_and_io_errors_are(prefect_server, world, tm
     assert len(calls) == 1
     calls.clear()
     assert one_ingest("flaky").already_ingested == 0 and len(calls) == 2
+
+
+def test_nights_with_rating_profiles(prefect_server, world, tmp_path):
+    """model.profile_dim > 0 through whole nights in a home of their own: trained,
+    evaluated, registered, resumed from the champion with its stored ratings, and served
+    from the registered vectors alone."""
+    from flows.nightly import nightly_retrain
+    from llmrec.encoder import load_encoder
+    from llmrec.scoring import Scorer
+
+    base = world["config"]
+    config = base.model_copy(update={
+        "home": str(tmp_path / "home"), "landing": str(tmp_path / "landing"),
+        "registered_model": "llmrec-profiles", "experiment": "llmrec-profiles",
+        "model": base.model.model_copy(update={"profile_dim": 8}),
+        # The decoder starts at 0 and climbs to the rating scale: at lr 1e-3 that takes the
+        # default's hundreds of steps; this small world gets there at 1e-2.
+        "training": base.training.model_copy(update={"profile_epochs": 300, "profile_lr": 0.01, "profile_l2": 1.0})})
+    (tmp_path / "landing").mkdir()
+    nights = []
+    for tags in (world["tags"][:3], world["tags"][3:4]):
+        for tag in tags:
+            copy_drop(world["drops"], tag, config.landing)
+        nights.append(nightly_retrain(config=config))
+    assert [n["status"] for n in nights] == ["registered", "registered"], [n["decision"] for n in nights]
+    assert nights[0]["decision"]["promote"], nights[0]["decision"]["reason"]
+    assert nights[1]["resumed_from"] == "1" and nights[1]["vocab"]["added_items"] > 0
+    registry.configure(Home(config.home), config.experiment)
+    champion = registry.load_champion(Home(config.home), config.registered_model, load_encoder(config.model.encoder))
+    profiles = champion.checkpoint.model.profiles
+    assert profiles is not None and len(profiles.ratings) > 0
+    assert profiles.user_in.num_embeddings == len(champion.checkpoint.users)
+    assert champion.checkpoint.history[-1]["profile_rmse"]
+    # load_champion's local copy of the registered checkpoint: the vectors serving reads.
+    served = Scorer.load(Home(config.home).runs / f"champion-v{champion.version}")
+    assert served.item_vectors.shape[1] == config.model.dim + 8 + 1
+    assert np.isfinite(served.predict(served.user_ids[:30], served.item_ids[:30])).all()
+    assert len(served.top_k(served.user_ids[:3], 5)) == 15

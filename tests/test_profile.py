@@ -88,6 +88,19 @@ def test_training_fits_the_ratings_and_keeps_the_unknown_user_empty():
         assert torch.count_nonzero(table.weight[UNKNOWN]) == 0
 
 
+def test_too_few_steps_to_reach_the_rating_scale_are_reported(caplog):
+    profiles = profiles_with({(1, 1): 4.0, (2, 1): 2.0, (3, 2): 5.0, (4, 3): 3.0})
+    config = TrainingConfig(profile_epochs=20, profile_lr=1e-3)
+    with caplog.at_level("WARNING", logger="llmrec.profile"):
+        train_profiles(profiles, config, torch.device("cpu"))
+    assert "no better than predicting the mean rating" in caplog.text and "training.profile_epochs" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="llmrec.profile"):
+        train_profiles(profiles, TrainingConfig(profile_epochs=300, profile_lr=0.05, profile_l2=0.01),
+                       torch.device("cpu"))
+    assert "no better" not in caplog.text
+
+
 def trained_with_profiles(tiny_encoder, share=0.6, **toy_kw):
     frame, user_texts, item_texts = toy(**toy_kw)
     checkpoint = new_checkpoint(tiny_encoder, ModelConfig(dim=8, profile_dim=16, profile_share=share), seed=0)
