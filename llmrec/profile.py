@@ -72,7 +72,7 @@ class RatingProfiles(nn.Module):
     # ------------------------------------------------------------------ the ratings
 
     def set_ratings(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor, n_items: int) -> None:
-        """Store (user row, item row, rating) sorted by item, with each item's first entry."""
+        """Store (user row, item row, rating) sorted by item; start[i] is where item i's ratings begin."""
         order = np.lexsort((users.numpy(), items.numpy()))
         self.register_buffer("users", users[order].long())
         self.register_buffer("items", items[order].long())
