@@ -55,7 +55,6 @@ class Recommender(nn.Module):
                  profile_dim: int = 0, profile_share: float = 0.6):
         super().__init__()
         self.dim = dim
-        self.profile_dim = profile_dim
         self.profile_share = profile_share
         self.mu = nn.Parameter(torch.tensor(3.5))
         self.user_id = nn.Embedding(n_users, dim)
@@ -87,7 +86,7 @@ class Recommender(nn.Module):
     @property
     def width(self) -> int:
         """Length of the served v_u and v_i: dim, plus profile_dim + 1 with rating profiles."""
-        return self.dim + (self.profile_dim + 1 if self.profile_dim else 0)
+        return self.dim + (self.profiles.size + 1 if self.profiles is not None else 0)
 
     def encode(self, features: TextFeatures) -> torch.Tensor:
         if features.pooled is not None:
@@ -118,7 +117,7 @@ class Recommender(nn.Module):
         (b_i moves into the vectors, so that an unknown user, who has no d_u, keeps all of
         this model's rating: weight 1 instead of 1 - s)."""
         vector, bias = self.side(ids, pooled, user)
-        if not self.profile_dim:
+        if self.profiles is None:
             return vector, bias
         if not user:
             return torch.cat([vector, self.profiles.code(ids).to(vector.dtype), bias[:, None]], dim=1), torch.zeros_like(bias)

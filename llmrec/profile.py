@@ -111,16 +111,24 @@ class RatingProfiles(nn.Module):
 
     # ------------------------------------------------------------------ the network
 
+    def kernel_in(self) -> torch.Tensor:
+        return local_kernel(self.user_in_point.weight, self.hidden_in_point)
+
+    def kernel_mid(self) -> torch.Tensor:
+        return local_kernel(self.mid_points[0], self.mid_points[1])
+
+    def kernel_out(self) -> torch.Tensor:
+        return local_kernel(self.hidden_out_point, self.user_out_point.weight)
+
     def kernels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (local_kernel(self.user_in_point.weight, self.hidden_in_point),
-                local_kernel(self.mid_points[0], self.mid_points[1]),
-                local_kernel(self.hidden_out_point, self.user_out_point.weight))
+        return self.kernel_in(), self.kernel_mid(), self.kernel_out()
 
     def code(self, items: torch.Tensor, kernels=None) -> torch.Tensor:
-        """h_i for each item row in `items`: its ratings through the two kernel layers."""
+        """h_i for each item row in `items`: its ratings through the two kernel layers
+        (`kernels`: the step's, when training; else the two it needs are computed)."""
         if not len(items):
             return torch.zeros(0, self.size, device=items.device)
-        k_in, k_mid, _ = self.kernels() if kernels is None else kernels
+        k_in, k_mid = (self.kernel_in(), self.kernel_mid()) if kernels is None else kernels[:2]
         start, lengths = self.start[items], self.start[items + 1] - self.start[items]
         entries = torch.repeat_interleave(start - lengths.cumsum(0) + lengths, lengths) + torch.arange(
             int(lengths.sum()), device=items.device)
@@ -132,7 +140,7 @@ class RatingProfiles(nn.Module):
 
     def decoder(self, users: torch.Tensor, kernels=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(d_u, b'_u) for each user row in `users`: its rating of item i is b'_u + <d_u, h_i>."""
-        k_out = (self.kernels() if kernels is None else kernels)[2]
+        k_out = self.kernel_out() if kernels is None else kernels[2]
         return self.user_out(users) * k_out[:, users].T, self.user_bias(users)[:, 0]
 
     def penalty(self, kernels, l2: float, kernel_l2: float) -> torch.Tensor:
