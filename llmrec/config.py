@@ -110,7 +110,7 @@ class TrainingConfig(BaseModel):
         5e-4, gt=0, le=1.0, description="AdamW learning rate for LoRA adapters (model.lora_rank > 0), used instead of encoder_lr."
     )
     profile_epochs: int = Field(
-        600, ge=1, le=100000, description="With model.profile_dim > 0: full-batch Adam steps of the rating-profile "
+        1000, ge=1, le=100000, description="With model.profile_dim > 0: full-batch Adam steps of the rating-profile "
         "autoencoder over all the profiles, after the model's epochs (a resumed night continues from its weights).",
     )
     profile_lr: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate of the rating-profile autoencoder.")
@@ -118,6 +118,12 @@ class TrainingConfig(BaseModel):
         15.0, ge=0, le=1e6, description="L2 penalty (lambda / 2 x squared norm) on the rating-profile autoencoder's "
         "weights, against its summed squared error (GLocal-K's lambda_2), so it weighs less as ratings "
         "accumulate: 15 suits ~80,000 ratings (MovieLens-100k); a few thousand need ~1.",
+    )
+    profile_dropout: float = Field(
+        0.5, ge=0, lt=1, description="Share of the stored ratings hidden from the rating-profile autoencoder's "
+        "input at each step, the rest scaled by 1 / (1 - share) (a fresh draw per step; all of them are still "
+        "scored). On a validation carve-out of MovieLens u1.base, mixed with the model: 0.5 with 1000 steps "
+        "RMSE 0.8765, without it 0.8788 (600 steps, its best).",
     )
     profile_kernel_l2: float = Field(
         0.006, ge=0, le=1e6, description="Penalty (lambda / 2 x squared norm) on its local kernels (GLocal-K's "

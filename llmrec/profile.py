@@ -123,9 +123,10 @@ class RatingProfiles(nn.Module):
     def kernels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.kernel_in(), self.kernel_mid(), self.kernel_out()
 
-    def code(self, items: torch.Tensor, kernels=None) -> torch.Tensor:
+    def code(self, items: torch.Tensor, kernels=None, inputs: torch.Tensor | None = None) -> torch.Tensor:
         """h_i for each item row in `items`: its ratings through the two kernel layers
-        (`kernels`: the step's, when training; else the two it needs are computed)."""
+        (`kernels`: the step's, when training; else the two it needs are computed;
+        `inputs`: the values encoded in place of the stored ratings, row-aligned with them)."""
         if not len(items):
             return torch.zeros(0, self.size, device=items.device)
         k_in, k_mid = (self.kernel_in(), self.kernel_mid()) if kernels is None else kernels[:2]
@@ -134,7 +135,7 @@ class RatingProfiles(nn.Module):
             int(lengths.sum()), device=items.device)
         offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=items.device), lengths.cumsum(0)[:-1]])
         summed = nn.functional.embedding_bag(self.users[entries], self.user_in.weight * k_in, offsets,
-                                             mode="sum", per_sample_weights=self.ratings[entries])
+                                             mode="sum", per_sample_weights=(self.ratings if inputs is None else inputs)[entries])
         hidden = torch.sigmoid(summed + self.bias_in)
         return torch.sigmoid(hidden @ (self.weight_mid * k_mid) + self.bias_mid)
 
@@ -153,16 +154,25 @@ def train_profiles(profiles: RatingProfiles, config, device: torch.device) -> li
     """Full-batch training on every stored rating: each step decodes every item's code to
     every user, loss = summed squared error on the stored ratings / 2 + `profile_l2` / 2 x
     squared weights + `profile_kernel_l2` / 2 x squared kernels, then one Adam step (fresh
-    moments each call; a resumed night starts from the trained weights). Items go through
-    in blocks (one on MovieLens-100k). Returns the training RMSE every 100 steps."""
+    moments each call; a resumed night starts from the trained weights). Each step encodes
+    the ratings with a `profile_dropout` share of them hidden (the rest scaled up to keep
+    the sum's scale) and is scored on all of them: an item's code learns to predict ratings
+    it did not see. Items go through in blocks (one on MovieLens-100k). Returns the
+    training RMSE every 100 steps."""
     profiles = profiles.to(device).train()
     optimizer = torch.optim.Adam(profiles.parameters(), lr=config.profile_lr)
     n_users, n_items = profiles.user_in.num_embeddings, len(profiles.start) - 1
     block = max(1, BLOCK_OUTPUTS // n_users)
     users = torch.arange(n_users, device=device)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    keep = 1.0 - config.profile_dropout
     rmse = []
     for step in range(config.profile_epochs):
         optimizer.zero_grad(set_to_none=True)
+        inputs = None
+        if config.profile_dropout:
+            kept = torch.rand(len(profiles.ratings), generator=generator, device=device) < keep
+            inputs = profiles.ratings * kept / keep
         squared = 0.0
         for first in range(1, n_items, block):
             last = min(first + block, n_items)
@@ -171,7 +181,7 @@ def train_profiles(profiles: RatingProfiles, config, device: torch.device) -> li
                 continue
             kernels = profiles.kernels()
             user_vec, user_bias = profiles.decoder(users, kernels)
-            predicted = user_bias[:, None] + user_vec @ profiles.code(torch.arange(first, last, device=device), kernels).T
+            predicted = user_bias[:, None] + user_vec @ profiles.code(torch.arange(first, last, device=device), kernels, inputs).T
             error = (predicted[profiles.users[begin:end], profiles.items[begin:end] - first]
                      - profiles.ratings[begin:end]).pow(2).sum()
             (error / 2).backward()

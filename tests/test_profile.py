@@ -53,6 +53,14 @@ def test_codes_and_decoder_equal_the_dense_autoencoder():
         user_vec, user_bias = profiles.decoder(users)
         assert torch.allclose(user_bias[:, None] + user_vec @ profiles.code(items).T, decoded[items][:, users].T, atol=1e-5)
         assert profiles.code(torch.tensor([], dtype=torch.long)).shape == (0, 6)
+        # Encoding other values in place of the stored ratings (training's dropout): the
+        # same network over the matrix those values make.
+        inputs = profiles.ratings * torch.tensor([0.0, 2.0, 1.0, 0.0, 3.0])
+        masked = torch.zeros(4, 5)
+        masked[profiles.items, profiles.users] = inputs
+        hidden = torch.sigmoid(masked @ (profiles.user_in.weight * k_in) + profiles.bias_in)
+        code = torch.sigmoid(hidden @ (profiles.weight_mid * k_mid) + profiles.bias_mid)
+        assert torch.allclose(profiles.code(items, inputs=inputs), code[items], atol=1e-6)
 
 
 def test_a_pair_rated_again_keeps_its_newest_rating_and_growth_keeps_old_rows():
@@ -81,11 +89,37 @@ def test_training_fits_the_ratings_and_keeps_the_unknown_user_empty():
     torch.manual_seed(0)
     profiles = RatingProfiles(31, 41, 16)
     profiles.add_ratings(users, items, ratings, 41)
-    config = TrainingConfig(profile_epochs=300, profile_lr=0.01, profile_l2=0.1)
+    # (no dropout: this checks the fit itself, scored on the inputs it encodes)
+    config = TrainingConfig(profile_epochs=300, profile_lr=0.01, profile_l2=0.1, profile_dropout=0.0)
     rmse = train_profiles(profiles, config, torch.device("cpu"))
     assert len(rmse) == 3 and rmse[-1] < 0.5 * rmse[0] and rmse[-1] < 0.3, rmse
     for table in (profiles.user_in, profiles.user_out, profiles.user_bias):
         assert torch.count_nonzero(table.weight[UNKNOWN]) == 0
+
+
+def test_each_step_hides_a_fresh_dropout_share_of_the_inputs(monkeypatch):
+    rng = np.random.default_rng(0)
+    users, items = np.nonzero(rng.random((60, 50)) < 0.5)
+    profiles = RatingProfiles(61, 51, 8)
+    profiles.add_ratings(users + 1, items + 1, rng.integers(1, 6, len(users)).astype(np.float32), 51)
+    encoded = []
+    code = RatingProfiles.code
+
+    def recording(self, items, kernels=None, inputs=None):
+        encoded.append(self.ratings.clone() if inputs is None else inputs.detach().clone())
+        return code(self, items, kernels, inputs)
+
+    monkeypatch.setattr(RatingProfiles, "code", recording)
+    train_profiles(profiles, TrainingConfig(profile_epochs=3, profile_dropout=0.25), torch.device("cpu"))
+    stored = profiles.ratings
+    for values in encoded:
+        hidden = values == 0
+        assert abs(float(hidden.float().mean()) - 0.25) < 0.03  # ~1,500 ratings
+        assert torch.allclose(values[~hidden], stored[~hidden] / 0.75)  # the rest scaled up
+    assert not torch.equal(encoded[0], encoded[1])  # a fresh draw each step
+    encoded.clear()
+    train_profiles(profiles, TrainingConfig(profile_epochs=1, profile_dropout=0.0), torch.device("cpu"))
+    assert torch.equal(encoded[0], stored)
 
 
 def test_too_few_steps_to_reach_the_rating_scale_are_reported(caplog):
