@@ -134,8 +134,9 @@ class RatingProfiles(nn.Module):
         entries = torch.repeat_interleave(start - lengths.cumsum(0) + lengths, lengths) + torch.arange(
             int(lengths.sum()), device=items.device)
         offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=items.device), lengths.cumsum(0)[:-1]])
+        values = self.ratings if inputs is None else inputs
         summed = nn.functional.embedding_bag(self.users[entries], self.user_in.weight * k_in, offsets,
-                                             mode="sum", per_sample_weights=(self.ratings if inputs is None else inputs)[entries])
+                                             mode="sum", per_sample_weights=values[entries])
         hidden = torch.sigmoid(summed + self.bias_in)
         return torch.sigmoid(hidden @ (self.weight_mid * k_mid) + self.bias_mid)
 
@@ -158,7 +159,7 @@ def train_profiles(profiles: RatingProfiles, config, device: torch.device) -> li
     the ratings with a `profile_dropout` share of them hidden (the rest scaled up to keep
     the sum's scale) and is scored on all of them: an item's code learns to predict ratings
     it did not see. Items go through in blocks (one on MovieLens-100k). Returns the
-    training RMSE every 100 steps."""
+    training RMSE every 100 steps (the step's own, from the inputs it kept)."""
     profiles = profiles.to(device).train()
     optimizer = torch.optim.Adam(profiles.parameters(), lr=config.profile_lr)
     n_users, n_items = profiles.user_in.num_embeddings, len(profiles.start) - 1
@@ -181,7 +182,8 @@ def train_profiles(profiles: RatingProfiles, config, device: torch.device) -> li
                 continue
             kernels = profiles.kernels()
             user_vec, user_bias = profiles.decoder(users, kernels)
-            predicted = user_bias[:, None] + user_vec @ profiles.code(torch.arange(first, last, device=device), kernels, inputs).T
+            codes = profiles.code(torch.arange(first, last, device=device), kernels, inputs)
+            predicted = user_bias[:, None] + user_vec @ codes.T
             error = (predicted[profiles.users[begin:end], profiles.items[begin:end] - first]
                      - profiles.ratings[begin:end]).pow(2).sum()
             (error / 2).backward()

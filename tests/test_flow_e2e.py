@@ -293,8 +293,11 @@ def test_nights_with_rating_profiles(prefect_server, world, tmp_path):
         "registered_model": "llmrec-profiles", "experiment": "llmrec-profiles",
         "model": base.model.model_copy(update={"profile_dim": 8}),
         # The decoder starts at 0 and climbs to the rating scale: at lr 1e-3 that takes the
-        # default's hundreds of steps; this small world gets there at 1e-2.
-        "training": base.training.model_copy(update={"profile_epochs": 300, "profile_lr": 0.01, "profile_l2": 1.0})})
+        # default's hundreds of steps; this small world gets there at 1e-2. Input dropout
+        # (MovieLens's 0.5) costs this world's 8-unit code too much: first-night held-out RMSE
+        # 0.9445 without it, 0.9528 at 0.25, 0.9603 at 0.5 (the global mean: 0.9602).
+        "training": base.training.model_copy(update={"profile_epochs": 300, "profile_lr": 0.01, "profile_l2": 1.0,
+                                                     "profile_dropout": 0.0})})
     (tmp_path / "landing").mkdir()
     nights = []
     for tags in (world["tags"][:3], world["tags"][3:4]):

@@ -177,7 +177,9 @@ def test_served_rating_mixes_the_autoencoder_in_for_known_users_only(tiny_encode
 
 def test_profiles_help_on_held_out_ratings(tiny_encoder):
     """On the genre-taste toy, the autoencoder's share lowers the error on pairs left out of
-    training, compared with the model alone (share 0) trained the same way."""
+    training, compared with the model alone (share 0) trained the same way. A world this
+    small (3,600 ratings) is trained without input dropout, as `training.profile_dropout`
+    advises (with MovieLens's 0.5 the mix still helps here, but less: 1.207 vs 1.322)."""
     frame, user_texts, item_texts = toy(n=4000, seed=3)
     frame = frame.drop_duplicates(["user_id", "item_id"])
     held_out, train_rows = frame.iloc[:400], frame.iloc[400:]
@@ -186,7 +188,8 @@ def test_profiles_help_on_held_out_ratings(tiny_encoder):
         checkpoint = new_checkpoint(tiny_encoder, ModelConfig(dim=8, profile_dim=16, profile_share=share), seed=0)
         cache = TextCache(None, tiny_encoder, tiny_encoder.num_layers, 32)
         fit(checkpoint, cache, train_rows, CatalogTexts(user_texts, item_texts),
-            TrainingConfig(epochs=1, lr=0.02, batch_size=256, profile_epochs=200, profile_lr=0.01, profile_l2=0.1))
+            TrainingConfig(epochs=1, lr=0.02, batch_size=256, profile_epochs=200, profile_lr=0.01, profile_l2=0.1,
+                           profile_dropout=0.0))
         scorer = Scorer.from_checkpoint(checkpoint, cache, CatalogTexts(user_texts, item_texts))
         predicted = scorer.predict(held_out["user_id"].tolist(), held_out["item_id"].tolist())
         errors[share] = float(np.sqrt(np.mean((predicted - held_out["rating"].to_numpy()) ** 2)))
