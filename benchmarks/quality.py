@@ -607,9 +607,9 @@ def main(argv: list[str] | None = None) -> dict:
     # The heads and MF work on small tensors: one thread is as fast, and far faster than
     # two when the cores are shared (OpenMP workers spin-wait on a busy core).
     torch.set_num_threads(args.threads)
+    fold_config = nightly_config(args.set + (FOLD_SET if args.fold_set is None else args.fold_set)
+                                 + settings["fold_extra"], settings["epochs"])
     if args.fold_validation:
-        fold_config = nightly_config(args.set + (FOLD_SET if args.fold_set is None else args.fold_set)
-                                     + settings["fold_extra"], settings["epochs"])
         result = fold_validation(args.data, fold_config, cache, user_texts, item_texts,
                                  list(range(args.fold_validation)))
         print(json.dumps(result))
@@ -618,8 +618,6 @@ def main(argv: list[str] | None = None) -> dict:
                       tuple(args.variants.split(",")),
                       tuple(b for b in args.baselines.split(",") if b and b != "none"))
     n_folds = 0 if args.first_half else (args.folds if args.folds is not None else settings["folds"])
-    fold_config = nightly_config(args.set + (FOLD_SET if args.fold_set is None else args.fold_set)
-                                 + settings["fold_extra"], settings["epochs"])
     folds = folds_table(args.data, fold_config, cache, user_texts, item_texts, n_folds, settings["fold_rows"])
     result = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

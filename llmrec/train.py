@@ -341,7 +341,8 @@ def fit(
     if first_run and config.loss == "mse" and len(train_rows):
         with torch.no_grad():
             checkpoint.model.mu.fill_(float(train_rows["rating"].mean()))
-    user_rows, item_rows = checkpoint.users.rows(train_rows["user_id"].tolist()), checkpoint.items.rows(train_rows["item_id"].tolist())
+    user_rows = checkpoint.users.rows(train_rows["user_id"].tolist())
+    item_rows = checkpoint.items.rows(train_rows["item_id"].tolist())
     ratings = train_rows["rating"].to_numpy(dtype=np.float32)
     with torch.no_grad():
         counts = np.bincount(item_rows, minlength=len(checkpoint.items))
